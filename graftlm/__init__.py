@@ -1,3 +1,40 @@
-"""graftlm: graft reasoning and memory mechanisms onto frozen pretrained causal LMs."""
+"""graftlm: graft reasoning and memory mechanisms onto frozen pretrained causal LMs.
+
+    model, tokenizer = graftlm.load_model("smollm2-135m")
+    model = graftlm.attach_adapter(model, graftlm.SSTConfig())     # or a saved adapter's dir / Hub id
+    ...train only the graft...
+    model.save_pretrained("out")                                    # adapter only
+"""
 
 __version__ = "0.1.0"
+
+from graftlm.adapters import (  # noqa: E402
+    AdapterBaseMismatchError,
+    AdapterTensorsError,
+    Graft,
+    GraftConfig,
+    GraftModel,
+    UnknownGraftTypeError,
+    attach_adapter,
+    register_graft,
+    registered_graft_types,
+)
+from graftlm.models import EMBEDDED_CHECKPOINTS, load_model  # noqa: E402
+from graftlm.patches import UnsupportedArchitectureError, get_patch  # noqa: E402
+
+__all__ = [
+    "AdapterBaseMismatchError",
+    "AdapterTensorsError",
+    "EMBEDDED_CHECKPOINTS",
+    "Graft",
+    "GraftConfig",
+    "GraftModel",
+    "UnknownGraftTypeError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "attach_adapter",
+    "get_patch",
+    "load_model",
+    "register_graft",
+    "registered_graft_types",
+]

@@ -1,0 +1,29 @@
+"""Grafts (one module each) and the shared attach/save/load machinery."""
+
+from graftlm.adapters.config import GraftConfig, GraftConfigWarning
+from graftlm.adapters.graft import Graft
+from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, NewerVersionWarning
+from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, GraftModel, attach_adapter, trainable_state_dict
+from graftlm.adapters.registry import (
+    UnknownGraftTypeError,
+    get_graft_type,
+    register_graft,
+    registered_graft_types,
+)
+
+__all__ = [
+    "AdapterBaseMismatchError",
+    "AdapterTensorsError",
+    "DEFAULT_ADAPTER_NAME",
+    "Graft",
+    "GraftConfig",
+    "GraftConfigWarning",
+    "GraftModel",
+    "NewerVersionWarning",
+    "UnknownGraftTypeError",
+    "attach_adapter",
+    "get_graft_type",
+    "register_graft",
+    "registered_graft_types",
+    "trainable_state_dict",
+]

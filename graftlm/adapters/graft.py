@@ -1,0 +1,88 @@
+"""`Graft`: the base class of every graft module (what a graft does lives in its subclass)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from graftlm.adapters.config import GraftConfig
+from graftlm.patches import ArchitecturePatch
+
+if TYPE_CHECKING:
+    from graftlm.adapters.model import GraftModel
+
+
+class Graft(nn.Module):
+    """A graft: new parameters plus the hooks that wire them into a frozen base model.
+
+    Lifecycle, driven by `GraftModel`:
+
+    1. ``__init__(config, base_model, patch)`` builds the parameters (zero or identity init, so the
+       freshly attached graft leaves the base model's logits exactly unchanged).
+    2. ``install()`` registers hooks / attention implementations through the patch; every handle goes
+       through `add_hook` (or `on_remove`) so ``remove()`` can undo all of it.
+    3. ``remove()`` undoes ``install()``; the base model is then bit-identical to before.
+
+    The base model is held by reference outside the module tree, so its parameters are not graft
+    parameters. Hooks must check ``self.active`` and act as the identity when it is False
+    (`GraftModel.disable_adapter`).
+
+    Training: a graft with its own loss terms or forward mode (two passes, distillation, implicit
+    gradients) overrides `training_loss`; the recipes loop calls nothing else.
+    """
+
+    config_class: type[GraftConfig] = GraftConfig
+
+    def __init__(self, config: GraftConfig, base_model: nn.Module, patch: ArchitecturePatch):
+        super().__init__()
+        self.config = config
+        self.patch = patch
+        object.__setattr__(self, "_base_model", base_model)
+        self.layer_indices = config.resolve_layers(base_model.config.num_hidden_layers)
+        self.active = True
+        self._handles: list[RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self._base_model
+
+    def install(self) -> None:  # pragma: no cover - every graft implements it
+        raise NotImplementedError
+
+    def add_hook(self, handle: RemovableHandle) -> RemovableHandle:
+        self._handles.append(handle)
+        return handle
+
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Register an undo action (e.g. restore a replaced module or attention implementation)."""
+        self._undo.append(undo)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors saved in ``adapter_model.safetensors`` (default: this module's state dict)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load saved tensors; missing or unexpected names raise (see `graftlm.adapters.io`)."""
+        self.load_state_dict(state, strict=True)
+
+    def training_loss(self, model: "GraftModel", batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Loss terms for one training batch, or None for the plain LM loss of ``model(**batch)``.
+
+        Returns a dict with at least ``"loss"`` (the scalar to backpropagate); other entries are logged.
+        """
+        return None
+
+    def extra_repr(self) -> str:
+        return f"graft_type={self.config.graft_type!r}, layers={self.layer_indices}"
