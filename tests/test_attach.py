@@ -101,7 +101,7 @@ def test_safetensors_holds_only_graft_tensors(tiny_model, tmp_path):
 
 
 def test_detach_is_bit_exact_and_removes_every_hook(tiny_model):
-    tiny_model.lm_head.weight.requires_grad_(True)
+    tiny_model.model.embed_tokens.weight.requires_grad_(False)  # a user's own freezing survives detach
     before = logits(tiny_model)
     hooks_before = all_hooks(tiny_model)
     model = attach_adapter(tiny_model, FFNBiasConfig())
