@@ -112,7 +112,7 @@ def test_detach_is_bit_exact_and_removes_every_hook(tiny_model):
     assert base is tiny_model
     assert all_hooks(base) == hooks_before
     assert torch.equal(logits(base), before)
-    assert base.lm_head.weight.requires_grad  # requires_grad restored as it was
+    assert base.model.norm.weight.requires_grad  # requires_grad restored as it was
     assert not base.model.embed_tokens.weight.requires_grad
 
 
