@@ -2,6 +2,7 @@
 
 from graftlm.adapters.config import GraftConfig, GraftConfigWarning
 from graftlm.adapters.graft import Graft
+from graftlm.adapters.lora import LoRAConfig
 from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, NewerVersionWarning
 from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, GraftModel, attach_adapter, trainable_state_dict
 from graftlm.adapters.registry import (
@@ -19,6 +20,7 @@ __all__ = [
     "GraftConfig",
     "GraftConfigWarning",
     "GraftModel",
+    "LoRAConfig",
     "NewerVersionWarning",
     "UnknownGraftTypeError",
     "attach_adapter",

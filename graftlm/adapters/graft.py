@@ -69,6 +69,14 @@ class Graft(nn.Module):
             undo()
         self._undo.clear()
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Graft parameters that live inside the base model (e.g. peft LoRA layers); none by default."""
+        return []
+
+    def all_parameters(self) -> list[nn.Parameter]:
+        """This graft's parameters: its own and those it placed inside the base model."""
+        return list(self.parameters()) + self.external_parameters()
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors saved in ``adapter_model.safetensors`` (default: this module's state dict)."""
         return {k: v.detach() for k, v in self.state_dict().items()}

@@ -82,25 +82,19 @@ class GraftModel(nn.Module):
         graft.to(device=reference.device)
         graft.install()
         self.grafts[adapter_name] = graft
-        if config.inference_mode:
-            graft.requires_grad_(False)
+        for parameter in graft.all_parameters():
+            parameter.requires_grad_(not config.inference_mode)
         return graft
 
     def graft_parameters(self) -> Iterator[nn.Parameter]:
-        """The trainable parameters: those of the grafts (and any graft-owned LoRA inside the base)."""
-        seen: set[int] = set()
+        """The trainable parameters: every graft's own, and those it placed in the base (peft LoRA)."""
         for graft in self.grafts.values():
-            for parameter in graft.parameters():
-                if parameter.requires_grad and id(parameter) not in seen:
-                    seen.add(id(parameter))
+            for parameter in graft.all_parameters():
+                if parameter.requires_grad:
                     yield parameter
-        for parameter in self.base_model.parameters():
-            if parameter.requires_grad and id(parameter) not in seen:
-                seen.add(id(parameter))
-                yield parameter
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts, grafts included in the total."""
+        """(trainable, total) parameter counts; the total is the base plus every graft."""
         trainable = sum(p.numel() for p in self.graft_parameters())
         total = sum(p.numel() for p in self.base_model.parameters())
         total += sum(p.numel() for g in self.grafts.values() for p in g.parameters())

@@ -1,0 +1,140 @@
+"""LoRA on the frozen base, through peft: the baseline graft, and a helper other grafts reuse.
+
+``LoRAConfig`` makes plain LoRA a graft like any other, so the recipes and eval treat "LoRA, same
+trainable-parameter budget" exactly as they treat SST or Attractor. Grafts that optionally train LoRA
+on the base too (SST's ``lora_r``, Attractor's backbone LoRA) call `PeftLoRA` the same way.
+LoRA's B matrices start at zero, so a fresh adapter reproduces the base logits exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from graftlm.adapters.config import GraftConfig
+from graftlm.adapters.graft import Graft
+from graftlm.adapters.registry import register_graft
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class PeftLoRA:
+    """peft LoRA layers injected into a base model's modules, removable bit-exactly.
+
+    The LoRA tensors live inside the base model (peft replaces each target ``nn.Linear`` by a LoRA
+    wrapper around it); `remove` puts the original modules back.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        target_modules: list[str],
+        layers: list[int] | None = None,
+    ):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.base_model = base_model
+        self.adapter_name = f"graftlm_{adapter_name}"
+        peft_config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+            layers_to_transform=layers, bias="none",
+        )
+        inject_adapter_in_model(peft_config, base_model, adapter_name=self.adapter_name)
+
+    def tuner_layers(self) -> list[tuple[nn.Module, str, nn.Module]]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        found = []
+        for parent in self.base_model.modules():
+            for child_name, child in parent.named_children():
+                if isinstance(child, BaseTunerLayer) and self.adapter_name in child.lora_A:
+                    found.append((parent, child_name, child))
+        return found
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.base_model.named_parameters() if f".{self.adapter_name}." in name]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA tensors keyed by their module path, with the internal adapter name stripped."""
+        return {
+            name.replace(f".{self.adapter_name}.", "."): p.detach()
+            for name, p in self.base_model.named_parameters()
+            if f".{self.adapter_name}." in name
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        parameters = {
+            name.replace(f".{self.adapter_name}.", "."): p
+            for name, p in self.base_model.named_parameters()
+            if f".{self.adapter_name}." in name
+        }
+        with torch.no_grad():
+            for name, value in state.items():
+                parameters[name].copy_(value)
+
+    def set_active(self, active: bool) -> None:
+        for _, _, layer in self.tuner_layers():
+            layer.enable_adapters(active)
+
+    def remove(self) -> None:
+        for parent, child_name, layer in self.tuner_layers():
+            setattr(parent, child_name, layer.get_base_layer())
+
+
+@dataclass
+class LoRAConfig(GraftConfig):
+    """Plain LoRA on the frozen base (via peft), the matched-budget baseline for every graft."""
+
+    graft_type = "lora"
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "Names of the base model's Linear modules to adapt (peft target_modules)."},
+    )
+
+
+class LoRAGraft(Graft):
+    """A graft whose only parameters are peft LoRA matrices inside the base model."""
+
+    def __init__(self, config: LoRAConfig, base_model: nn.Module, patch):
+        super().__init__(config, base_model, patch)
+        self.lora: PeftLoRA | None = None
+
+    def install(self) -> None:
+        config = self.config
+        layers = None if config.target_layers is None else self.layer_indices
+        self.lora = PeftLoRA(
+            self.base_model, f"lora_{id(self)}", config.r, config.alpha, config.dropout, config.target_modules, layers
+        )
+        self.on_remove(self.lora.remove)
+
+    @property
+    def active(self) -> bool:
+        return getattr(self, "_active", True)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
+        if getattr(self, "lora", None) is not None:
+            self.lora.set_active(value)
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return self.lora.parameters() if self.lora else []
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.lora.state_dict()
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.lora.load_state_dict(state)
+
+
+register_graft(LoRAConfig, LoRAGraft)
