@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from graftlm.adapters import (  # noqa: E402
+from graftlm.adapters import (
     AdapterBaseMismatchError,
     AdapterTensorsError,
     Graft,
@@ -20,13 +20,13 @@ from graftlm.adapters import (  # noqa: E402
     register_graft,
     registered_graft_types,
 )
-from graftlm.models import EMBEDDED_CHECKPOINTS, load_model  # noqa: E402
-from graftlm.patches import UnsupportedArchitectureError, get_patch  # noqa: E402
+from graftlm.models import EMBEDDED_CHECKPOINTS, load_model
+from graftlm.patches import UnsupportedArchitectureError, get_patch
 
 __all__ = [
+    "EMBEDDED_CHECKPOINTS",
     "AdapterBaseMismatchError",
     "AdapterTensorsError",
-    "EMBEDDED_CHECKPOINTS",
     "Graft",
     "GraftConfig",
     "GraftModel",

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from graft_fixtures import build_tiny_model  # noqa: E402
+from graft_fixtures import build_tiny_model
 
 
 @pytest.fixture(autouse=True)

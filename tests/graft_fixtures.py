@@ -11,11 +11,11 @@ from graftlm.adapters import Graft, GraftConfig, register_graft
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    values = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
+    values = {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    }
     values.update(overrides)
     return LlamaConfig(**values)
 
@@ -23,12 +23,12 @@ def tiny_llama_config(**overrides):
 def tiny_gemma3_config(**overrides):
     from transformers import Gemma3TextConfig
 
-    values = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"], rms_norm_eps=1e-6,
-        pad_token_id=0, bos_token_id=2, eos_token_id=1, query_pre_attn_scalar=16,
-    )
+    values = {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"], "rms_norm_eps": 1e-6,
+        "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1, "query_pre_attn_scalar": 16,
+    }
     values.update(overrides)
     return Gemma3TextConfig(**values)
 

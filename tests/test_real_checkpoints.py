@@ -47,7 +47,7 @@ def test_loads_offline_with_expected_shape(real):
 
 
 def test_tokenizer_round_trips_and_perplexity_is_sane(real):
-    name, model, tokenizer = real
+    _name, model, tokenizer = real
     for text in ROUND_TRIP:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         assert tokenizer.decode(ids) == text

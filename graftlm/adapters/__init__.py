@@ -2,8 +2,8 @@
 
 from graftlm.adapters.config import GraftConfig, GraftConfigWarning
 from graftlm.adapters.graft import Graft
-from graftlm.adapters.lora import LoRAConfig
 from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, NewerVersionWarning
+from graftlm.adapters.lora import LoRAConfig
 from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, GraftModel, attach_adapter, trainable_state_dict
 from graftlm.adapters.registry import (
     UnknownGraftTypeError,
@@ -13,9 +13,9 @@ from graftlm.adapters.registry import (
 )
 
 __all__ = [
+    "DEFAULT_ADAPTER_NAME",
     "AdapterBaseMismatchError",
     "AdapterTensorsError",
-    "DEFAULT_ADAPTER_NAME",
     "Graft",
     "GraftConfig",
     "GraftConfigWarning",

@@ -34,7 +34,7 @@ class GraftConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GraftConfig":
+    def from_dict(cls, values: dict[str, Any]) -> GraftConfig:
         """Build a config from saved values; unknown keys (from a newer version) warn and are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

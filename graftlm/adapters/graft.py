@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ class Graft(nn.Module):
         """Load saved tensors; missing or unexpected names raise (see `graftlm.adapters.io`)."""
         self.load_state_dict(state, strict=True)
 
-    def training_loss(self, model: "GraftModel", batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    def training_loss(self, model: GraftModel, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """Loss terms for one training batch, or None for the plain LM loss of ``model(**batch)``.
 
         Returns a dict with at least ``"loss"`` (the scalar to backpropagate); other entries are logged.

@@ -32,5 +32,12 @@ def get_patch(model: nn.Module) -> ArchitecturePatch:
     )
 
 
-__all__ = ["ArchitecturePatch", "LlamaPatch", "Gemma3Patch", "PATCHES", "get_patch", "supported_model_types",
-           "UnsupportedArchitectureError"]
+__all__ = [
+    "PATCHES",
+    "ArchitecturePatch",
+    "Gemma3Patch",
+    "LlamaPatch",
+    "UnsupportedArchitectureError",
+    "get_patch",
+    "supported_model_types",
+]

@@ -13,7 +13,7 @@ and see the same ``past_key_values`` in prefill and in one-token decode steps.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
