@@ -86,6 +86,11 @@ class Graft(nn.Module):
         """Load saved tensors; missing or unexpected names raise (see `graftlm.adapters.io`)."""
         self.load_state_dict(state, strict=True)
 
+    def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Adjust ``generate`` keyword arguments before generation (e.g. supply a graft-aware ``Cache``
+        as ``past_key_values``); the default leaves them unchanged."""
+        return kwargs
+
     def training_loss(self, model: GraftModel, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """Loss terms for one training batch, or None for the plain LM loss of ``model(**batch)``.
 

@@ -49,6 +49,10 @@ class GraftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        """The base model's ``generate``; each active graft may first adjust the kwargs (its cache)."""
+        for graft in self.grafts.values():
+            if graft.active:
+                kwargs = graft.prepare_generate_kwargs(kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
