@@ -86,11 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
+        from graftlm.adapters import attach_adapter
         from graftlm.models import load_model
 
         evaluate = sub.add_parser("eval", help="score a model (optionally with an adapter) on a task")
         add_eval_arguments(evaluate)
-        evaluate.set_defaults(func=lambda args: run_eval_cli(args, load_model))
+        evaluate.set_defaults(func=lambda args: run_eval_cli(args, load_model, attach_adapter))
     return parser
 
 
