@@ -1,0 +1,42 @@
+"""`TrainingObjective`: the loss of one batch, the only place the loop meets a graft's training hook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftlm.adapters import GraftModel
+
+
+class TrainingObjective(nn.Module):
+    """The loss terms of one batch for a `GraftModel`.
+
+    The grafts' ``training_loss(model, batch)`` hooks are asked in attach order; the first that returns
+    a dict supplies the batch's terms (its ``"loss"`` is backpropagated, other entries are logged) and
+    later grafts are not asked. When every hook returns None the loss is the plain LM loss
+    ``model(**batch).loss``. A stack where two grafts each need their own loss terms needs one of them to
+    compute both (documented limit, not a special case here).
+
+    The loop wraps this module, not the `GraftModel`, in DDP/FSDP, so every forward a graft's hook runs
+    (two passes, a teacher pass, a fixed-point solve) happens inside the wrapper's forward and gradient
+    synchronisation sees all of them.
+    """
+
+    def __init__(self, graft_model: GraftModel):
+        super().__init__()
+        self.graft_model = graft_model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        for name, graft in self.graft_model.grafts.items():
+            terms = graft.training_loss(self.graft_model, batch)
+            if terms is None:
+                continue
+            if not isinstance(terms, dict) or "loss" not in terms:
+                raise TypeError(
+                    f"graft {name!r} ({type(graft).__name__}).training_loss must return None or a dict with a "
+                    f"'loss' entry, got {type(terms).__name__}"
+                )
+            return terms
+        return {"loss": self.graft_model(**batch).loss}
