@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from graftlm.adapters import (
     AdapterBaseMismatchError,
     AdapterTensorsError,
+    EchoConfig,
     Graft,
     GraftConfig,
     GraftModel,
@@ -27,6 +28,7 @@ __all__ = [
     "EMBEDDED_CHECKPOINTS",
     "AdapterBaseMismatchError",
     "AdapterTensorsError",
+    "EchoConfig",
     "Graft",
     "GraftConfig",
     "GraftModel",

@@ -1,6 +1,7 @@
 """Grafts (one module each) and the shared attach/save/load machinery."""
 
 from graftlm.adapters.config import GraftConfig, GraftConfigWarning
+from graftlm.adapters.echo import EchoConfig
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, NewerVersionWarning
 from graftlm.adapters.lora import LoRAConfig
@@ -16,6 +17,7 @@ __all__ = [
     "DEFAULT_ADAPTER_NAME",
     "AdapterBaseMismatchError",
     "AdapterTensorsError",
+    "EchoConfig",
     "Graft",
     "GraftConfig",
     "GraftConfigWarning",

@@ -1,0 +1,372 @@
+"""Echo graft (METHODS.md section 3): a fixed-size ridge-regression recall state beside or instead of a
+frozen layer's attention.
+
+Per grafted layer, over the attention's input x [B, T, d] (the output of ``input_layernorm``, i.e. the
+attention module's ``hidden_states``: the same normalised stream the frozen q/k/v projections read):
+
+    z = W_k x, q = W_q x      [B, H, T, r]      (z scaled by its running max norm inside the operator)
+    v = W_v x                 [B, H, T, P]
+    y = eta C G^-1 (M G^-1)^K q                  (``graftlm.kernels.echo``; gamma clamped to [1, 1.5])
+    echo(x) = W_o y           [B, T, d]          W_o zero-initialised
+
+Two modes:
+
+* ``parallel``: attention output + echo(x). A forward hook on the attention module adds the branch to the
+  module's output ``(attn_out [B, T, d], weights)``. On Gemma 3 that output then goes through
+  ``post_attention_layernorm``, so the branch sits *before* that norm (it is normalised with the
+  attention output, as a second attention head would be). With W_o = 0 the logits are the base's exactly.
+* ``replace`` (in ``target_layers``): the layer's attention becomes a local sliding-window attention
+  (the frozen q/k/v/o weights restricted to the last ``window`` tokens, the query's own included) plus
+  the Echo branch, so the layer keeps no KV cache beyond the window at generation. Training ramps from
+  the frozen attention to it: ``out = (1 - ramp) full_attention + ramp (window_attention + echo)``
+  (``replace_ramp``; 0 with W_o = 0 is the base exactly; generation with ramp = 1 holds only the window).
+  The window attention is an attention function registered through ``patch.register_attention`` and
+  switched on for the whole model: it calls the model's previous implementation unchanged for every
+  layer it does not replace, so projections, norms, RoPE and cache updates stay the base model's code.
+  The attention's ``sliding_window`` (Gemma 3 local layers) further narrows the window.
+
+Training: the LM loss, plus in replace mode an optional LoLCATs-style distillation (arXiv 2410.10254)
+``distill_weight * mean_layers MSE(o_proj(window_attn) + echo(x), o_proj(full_attn).detach())`` through
+`EchoGraft.training_loss`. Generation: `EchoCache` (``echo_cache.py``), supplied by
+``prepare_generate_kwargs``; batched generation with left padding is exact per row (see that module).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from graftlm.adapters.config import GraftConfig
+from graftlm.adapters.echo_cache import EchoCache, EchoSettings, echo_continue, echo_prefill, echo_sequence
+from graftlm.adapters.graft import Graft
+from graftlm.adapters.registry import register_graft
+
+STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+MODES = ("parallel", "replace")
+
+
+@dataclass
+class EchoConfig(GraftConfig):
+    """Echo recall state (METHODS.md section 3) grafted beside or instead of attention."""
+
+    graft_type = "echo"
+
+    mode: str = field(default="parallel", metadata={
+        "help": "'parallel': frozen attention + Echo branch; 'replace': window attention + Echo branch "
+                "instead of the attention of target_layers (no KV cache beyond the window)."})
+    num_heads: int | None = field(default=None, metadata={
+        "help": "Echo heads H per layer; None = the model's attention heads."})
+    rank: int = field(default=16, metadata={"help": "Key/query rank r per head (state is O(H r^2))."})
+    value_dim: int | None = field(default=None, metadata={
+        "help": "Value size P per head; None = the model's head_dim."})
+    power: int = field(default=2, metadata={
+        "help": "K, the power of the spectral Koopman filter (M G^-1)^K; 0 = plain ridge recall."})
+    chunk_size: int = field(default=64, metadata={
+        "help": "Chunk L: a token reads the statistics of the chunks before its own (train and decode)."})
+    eps: float = field(default=1e-3, metadata={"help": "Ridge eps added to G (keys have unit running max norm)."})
+    stats_dtype: str = field(default="float64", metadata={
+        "help": "dtype of the running statistics and solves: 'float64' (default, robust) or 'float32'."})
+    window: int | None = field(default=None, metadata={
+        "help": "Replace mode: local attention window in tokens, the query's own included; None = chunk_size."})
+    replace_ramp: float = field(default=1.0, metadata={
+        "help": "Replace mode: out = (1 - ramp) full attention + ramp (window attention + Echo); schedule it "
+                "from 0 to 1 in training (graft.replace_ramp); generation holds only the window when 1."})
+    distill_weight: float = field(default=0.0, metadata={
+        "help": "Replace mode: weight of the MSE between each layer's window attention + Echo output and "
+                "its frozen full-attention output (LoLCATs); 0 = LM loss only."})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"EchoConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.stats_dtype not in STATS_DTYPES:
+            raise ValueError(f"EchoConfig.stats_dtype must be one of {list(STATS_DTYPES)}, got {self.stats_dtype!r}")
+        if self.rank < 1 or self.chunk_size < 1 or self.power < 0 or (self.window is not None and self.window < 1):
+            raise ValueError("EchoConfig needs rank >= 1, chunk_size >= 1, power >= 0, window >= 1")
+        if not 0.0 <= self.replace_ramp <= 1.0:
+            raise ValueError(f"EchoConfig.replace_ramp must be in [0, 1], got {self.replace_ramp}")
+        if self.distill_weight < 0 or (self.distill_weight > 0 and self.mode != "replace"):
+            raise ValueError("EchoConfig.distill_weight must be >= 0 and needs mode='replace' (in parallel mode "
+                             "the frozen attention output is already part of the layer's output)")
+
+
+class EchoBranch(nn.Module):
+    """One layer's Echo parameters: W_q, W_k [d -> H r], W_v [d -> H P], W_o [H P -> d] (zero), gamma, eta [H]."""
+
+    def __init__(self, hidden_size: int, heads: int, rank: int, value_dim: int):
+        super().__init__()
+        self.heads, self.rank, self.value_dim = heads, rank, value_dim
+        self.w_q = nn.Linear(hidden_size, heads * rank, bias=False)
+        self.w_k = nn.Linear(hidden_size, heads * rank, bias=False)
+        self.w_v = nn.Linear(hidden_size, heads * value_dim, bias=False)
+        self.w_o = nn.Linear(heads * value_dim, hidden_size, bias=False)
+        nn.init.zeros_(self.w_o.weight)
+        self.gamma = nn.Parameter(torch.ones(heads))
+        self.eta = nn.Parameter(torch.ones(heads))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> z, q [B, H, T, r] and v [B, H, T, P]."""
+        batch, length, _ = x.shape
+        split = lambda t: t.view(batch, length, self.heads, -1).transpose(1, 2)
+        return split(self.w_k(x)), split(self.w_q(x)), split(self.w_v(x))
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """y [B, H, T, P] -> W_o y [B, T, d]."""
+        batch, _, length, _ = y.shape
+        return self.w_o(y.transpose(1, 2).reshape(batch, length, -1))
+
+
+@dataclass
+class ForwardContext:
+    """What the decoder's forward was called with, read by the per-layer hooks of that forward (and of its
+    gradient-checkpointing recompute, which re-runs the layers but not the decoder)."""
+
+    token_mask: torch.Tensor | None = None  # [B, past + T] bool, False = padding; None = no padding
+    past_length: int = 0
+    distilling: bool = False
+
+
+class EchoGraft(Graft):
+    """Echo branches on the target layers; see the module docstring for the two modes."""
+
+    def __init__(self, config: EchoConfig, base_model: nn.Module, patch):
+        super().__init__(config, base_model, patch)
+        base = base_model.config
+        head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
+        heads = config.num_heads or base.num_attention_heads
+        self.branches = nn.ModuleDict({
+            str(i): EchoBranch(base.hidden_size, heads, config.rank, config.value_dim or head_dim)
+            for i in self.layer_indices
+        })
+        self.settings = EchoSettings(config.power, config.chunk_size, config.eps, STATS_DTYPES[config.stats_dtype])
+        self.window = config.window or config.chunk_size
+        self.replace_ramp = config.replace_ramp
+        self.query_block = 128  # window attention: queries per block (memory O(T window))
+        self._context = ForwardContext()
+        self._distill_terms: list[torch.Tensor] | None = None
+        self._pending: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._replaced: dict[nn.Module, int] = {}
+        self._previous_attention = ""
+
+    @property
+    def replaces(self) -> bool:
+        return self.config.mode == "replace"
+
+    # -- wiring ----------------------------------------------------------------------------------
+    def install(self) -> None:
+        model = self.base_model
+        layers = self.patch.decoder_layers(model)
+        decoder = self.patch.decoder(model)
+        self.add_hook(decoder.register_forward_pre_hook(self._capture_context, with_kwargs=True))
+        for index in self.layer_indices:
+            attention = self.patch.attention(layers[index])
+            self.add_hook(attention.register_forward_hook(self._make_attention_hook(index), with_kwargs=True))
+        if self.replaces:
+            self._replaced = {self.patch.attention(layers[i]): i for i in self.layer_indices}
+            self._install_window_attention()
+
+    def _install_window_attention(self) -> None:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.modeling_utils import AttentionInterface
+
+        model = self.base_model
+        previous = model.config._attn_implementation
+        name = f"graftlm_echo_{id(self):x}"
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS.get(previous)  # the base layers keep their masks
+        self.patch.register_attention(name, self._attention, mask_fn)
+        self._previous_attention = self.patch.set_attention_implementation(model, name)
+
+        def undo() -> None:
+            self.patch.set_attention_implementation(model, self._previous_attention)
+            AttentionInterface._global_mapping.pop(name, None)
+            type(ALL_MASK_ATTENTION_FUNCTIONS)._global_mapping.pop(name, None)
+
+        self.on_remove(undo)
+
+    def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None
+        self._context = ForwardContext(
+            token_mask=token_mask,
+            past_length=cache.get_seq_length() if cache is not None else 0,
+            distilling=self._distill_terms is not None,
+        )
+
+    def _keep(self, length: int) -> torch.Tensor | None:
+        """Real-token mask [B, length] of the last ``length`` positions, or None when nothing is padded."""
+        mask = self._context.token_mask
+        if mask is None:
+            return None
+        if mask.shape[1] < length:
+            raise ValueError(f"attention_mask covers {mask.shape[1]} positions, the Echo graft needs {length}: "
+                             "pass the mask of the whole sequence (past tokens included)")
+        keep = mask[:, -length:]
+        return None if bool(keep.all()) else keep
+
+    # -- the Echo branch -------------------------------------------------------------------------
+    def _echo_output(self, index: int, x: torch.Tensor, cache: Any) -> torch.Tensor:
+        """W_o echo(x) for layer ``index``: x [B, T, d] -> [B, T, d] in x's dtype."""
+        branch = self.branches[str(index)]
+        keep = self._keep(x.shape[1])
+        z, q, v = branch.project(x.to(branch.w_q.weight.dtype))
+        if keep is not None:  # padding adds nothing to the statistics
+            z, v = z * keep[:, None, :, None], v * keep[:, None, :, None]
+        slot = cache.echo.get(index) if isinstance(cache, EchoCache) else None
+        if slot is None:
+            if self._context.past_length > 0:
+                raise RuntimeError(
+                    "the Echo graft continues a sequence only from an EchoCache (its state lives there): use "
+                    "GraftModel.generate, or pass past_key_values=graft.make_cache()")
+            y = echo_sequence(z, q, v, branch.gamma, branch.eta, keep, self.settings)
+        elif slot.state is None:
+            y, state, seen = echo_prefill(z, q, v, branch.gamma, branch.eta, keep, self.settings)
+            slot.update(state, seen)
+        else:
+            if keep is not None:
+                raise ValueError("Echo: padded tokens after the prefill are not supported")
+            y, state, seen = echo_continue(slot.state, slot.seen, z, q, v, branch.gamma, branch.eta)
+            slot.update(state, seen)
+        return branch.output(y).to(x.dtype)
+
+    def _make_attention_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: tuple):
+            if not self.active:
+                return output
+            attn_out, weights = output
+            ramp = self.replace_ramp if self.replaces else 1.0
+            distilling = self.replaces and self._context.distilling
+            if ramp == 0.0 and not distilling:
+                return output
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            echo_out = self._echo_output(index, x, kwargs.get("past_key_values"))
+            if distilling:
+                self._record_distillation(index, module, echo_out)
+            if ramp == 0.0:
+                return output
+            return attn_out + (echo_out if ramp == 1.0 else ramp * echo_out), weights
+
+        return hook
+
+    def _record_distillation(self, index: int, attention: nn.Module, echo_out: torch.Tensor) -> None:
+        full, window = self._pending.pop(index)
+        flat = lambda t: t.reshape(*t.shape[:2], -1)
+        teacher = attention.o_proj(flat(full)).detach()
+        student = attention.o_proj(flat(window)) + echo_out
+        keep = self._keep(echo_out.shape[1])
+        if keep is not None:
+            teacher, student = teacher[keep], student[keep]
+        term = F.mse_loss(student.float(), teacher.float())
+        # a gradient-checkpointing recompute redoes the same ops (torch checks) but the loss was already taken
+        if self._distill_terms is not None:
+            self._distill_terms.append(term)
+
+    # -- replace mode: the attention function ----------------------------------------------------
+    def _base_attention(self, module: nn.Module):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self._previous_attention in ALL_ATTENTION_FUNCTIONS:
+            return ALL_ATTENTION_FUNCTIONS[self._previous_attention]
+        return sys.modules[type(module).__module__].eager_attention_forward
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        """The model's attention function while a replace-mode graft is installed.
+
+        query [B, Hq, q, hd], key/value [B, Hkv, k, hd] (after RoPE and the cache update; the queries are
+        the last q of the k positions). Layers not replaced get the previous implementation unchanged.
+        Returns (out [B, q, Hq, hd], weights or None) like every transformers attention function.
+        """
+        base = self._base_attention(module)
+        index = self._replaced.get(module)
+        if index is None or not self.active:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        ramp = self.replace_ramp
+        distilling = self._context.distilling
+        if ramp == 0.0 and not distilling:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        full = base(module, query, key, value, attention_mask, **kwargs)[0] if ramp < 1.0 or distilling else None
+        window = self._window_attention(module, query, key, value, kwargs)
+        if distilling:
+            self._pending[index] = (full, window)
+        if ramp == 0.0:
+            return full, None
+        if ramp == 1.0:
+            return window, None
+        return (1.0 - ramp) * full + ramp * window, None
+
+    def _window_attention(self, module, query, key, value, kwargs) -> torch.Tensor:
+        """Softmax attention of each query over the keys at distance [0, window), padding excluded.
+
+        Queries go in blocks of ``max(window, query_block)``, each against only the keys its window can
+        reach, so a long prefill costs O(T window) memory instead of a [T, T] mask.
+        """
+        q_len, k_len = query.shape[2], key.shape[2]
+        window = min(self.window, kwargs.get("sliding_window") or self.window)
+        keep = self._keep(k_len)
+        block = max(window, self.query_block)
+        outputs = []
+        for start in range(0, q_len, block):
+            stop = min(start + block, q_len)
+            q_first = k_len - q_len + start  # key position of the block's first query
+            k_first = max(0, q_first - window + 1)
+            k_stop = k_len - q_len + stop
+            q_pos = torch.arange(q_first, k_stop, device=query.device)
+            distance = q_pos[:, None] - torch.arange(k_first, k_stop, device=query.device)[None, :]
+            allowed = ((distance >= 0) & (distance < window))[None]  # [1, q, k]
+            if keep is not None:  # a padded query still sees itself, so its (unused) row stays finite
+                allowed = (allowed & keep[:, None, k_first:k_stop]) | (distance == 0)[None]
+            out, _ = sdpa_attention_forward(
+                module, query[:, :, start:stop], key[:, :, k_first:k_stop], value[:, :, k_first:k_stop],
+                allowed[:, None], dropout=kwargs.get("dropout", 0.0), scaling=kwargs.get("scaling"),
+                is_causal=False)
+            outputs.append(out)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    # -- generation and training -----------------------------------------------------------------
+    def make_cache(self) -> EchoCache:
+        """An empty `EchoCache` for this graft: window-only KV layers for replaced layers at ramp 1."""
+        windows = {}
+        if self.replaces and self.replace_ramp == 1.0:
+            windows = {i: self.window for i in self.layer_indices}
+        return EchoCache(self.base_model.config, echo_layers=self.layer_indices, window_layers=windows)
+
+    def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Supply ``make_cache()`` as ``past_key_values`` (unless the caller passed an EchoCache, or
+        ``use_cache=False``: then every step is a whole-sequence forward, which needs no state)."""
+        cache = kwargs.get("past_key_values")
+        if kwargs.get("use_cache") is False and cache is None:
+            return kwargs
+        if cache is None:
+            return {**kwargs, "past_key_values": self.make_cache(), "use_cache": True}
+        if not isinstance(cache, EchoCache):
+            raise TypeError("an Echo graft generates with an EchoCache (graft.make_cache()), not "
+                            f"{type(cache).__name__}")
+        return kwargs
+
+    def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """LM loss + ``distill_weight`` x the layers' mean distillation MSE; None (plain LM loss) when
+        ``distill_weight`` is 0. Returns {"loss", "lm_loss", "distill_loss"}."""
+        weight = self.config.distill_weight
+        if weight == 0.0:
+            return None
+        if "labels" not in batch:
+            batch = {**batch, "labels": batch["input_ids"]}
+        self._distill_terms = []
+        try:
+            lm_loss = model(**batch).loss
+            terms = self._distill_terms
+        finally:
+            self._distill_terms = None
+            self._pending.clear()
+        distill = torch.stack(terms).mean()
+        return {"loss": lm_loss + weight * distill, "lm_loss": lm_loss.detach(), "distill_loss": distill.detach()}
+
+
+register_graft(EchoConfig, EchoGraft)

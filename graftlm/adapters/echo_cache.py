@@ -1,0 +1,254 @@
+"""The Echo graft's generation state: `EchoCache`, a transformers ``DynamicCache`` whose grafted layers also
+hold an Echo recall state (METHODS.md section 3), and the functions that advance that state.
+
+Per grafted layer the cache holds an `EchoStateLayer` (modelled on transformers' ``LinearAttentionLayer``:
+a fixed-size recurrent state with no sequence dimension):
+
+    state  EchoState  G [B, H, r, r], M [B, H, r, r], C [B, H, P, r], last key [B, H, r], key norm [B, H],
+                      held readout [B, H, P, r] (chunk size > 1)
+    seen   [B] long   real (non-padding) tokens each row has absorbed
+
+so ``H (2 r^2 + 2 P r + r + 1)`` floats per row and layer, constant in the sequence length. Layers whose
+attention the graft replaces (``mode="replace"``) keep their keys and values in an `EchoWindowLayer`:
+a sliding window of the last ``window - 1`` tokens, never more.
+
+Prefill runs the chunk-parallel operator (``echo_chunked(..., return_state=True)``), decode runs
+``echo_step`` per token; with the same chunk size the two give the output of one chunked forward over
+the whole sequence (the kernel's causality rule: the query at t reads the tokens before its chunk).
+
+Padding. Padded tokens never enter the statistics. A batch with padding (left or right) is prefilled row
+by row over each row's real tokens only, so each row's chunk grid starts at its first real token and a
+left-padded row gives exactly the output of the same row unpadded. Rows then sit at different phases of
+their chunks, so decode refreshes the held readout per row (when that row's ``seen`` reaches a chunk
+boundary) instead of on the shared ``EchoState.position``. Tokens after prefill are assumed real (as in
+``generate``); a padded token in a continuation raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+from graftlm.kernels.echo import EchoState, echo_chunked, echo_step, init_state, readout_operator
+from graftlm.kernels.echo.reference import per_head
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoSettings:
+    """Operator settings shared by every grafted layer: K (``power``), chunk size L, eps, statistics dtype."""
+
+    power: int
+    chunk_size: int
+    eps: float
+    stats_dtype: torch.dtype
+
+
+def map_state(state: EchoState, fn: Callable[[torch.Tensor], torch.Tensor]) -> EchoState:
+    """Apply ``fn`` to every batch-leading tensor of ``state`` (reorder, select, repeat rows)."""
+    return dataclasses.replace(
+        state, gram=fn(state.gram), lag=fn(state.lag), cross=fn(state.cross), prev_key=fn(state.prev_key),
+        key_norm=fn(state.key_norm), readout=None if state.readout is None else fn(state.readout),
+    )
+
+
+def stack_states(states: list[EchoState]) -> EchoState:
+    """Concatenate one-row states along the batch; ``position`` (unused per row, see module doc) is the max."""
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(s, name) for s in states]
+        return None if parts[0] is None else torch.cat(parts, dim=0)
+
+    first = states[0]
+    return dataclasses.replace(
+        first, gram=cat("gram"), lag=cat("lag"), cross=cat("cross"), prev_key=cat("prev_key"),
+        key_norm=cat("key_norm"), readout=cat("readout"), position=max(s.position for s in states),
+    )
+
+
+def only_trailing_padding(keep: torch.Tensor) -> bool:
+    """True when no real token follows a padded one in any row (right padding): keep [B, T] bool."""
+    return bool((keep[:, 1:] <= keep[:, :-1]).all())
+
+
+def _echo_rows(z, q, v, gamma, eta, keep, settings: EchoSettings, with_state: bool):
+    """Row by row over each row's real tokens; pads get y = 0. Returns y [B, H, T, P] and row states."""
+    y = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    outputs, states = [], []
+    for row in range(z.shape[0]):
+        index = keep[row].nonzero().squeeze(-1)
+        if index.numel() == 0:
+            outputs.append(y[row:row + 1])
+            states.append(init_state(1, z.shape[1], z.shape[-1], v.shape[-1], power=settings.power,
+                                     chunk_size=settings.chunk_size, eps=settings.eps,
+                                     stats_dtype=settings.stats_dtype, device=z.device))
+            continue
+        z_row, q_row, v_row = (x[row:row + 1].index_select(2, index) for x in (z, q, v))
+        result = echo_chunked(z_row, q_row, v_row, gamma, eta, power=settings.power,
+                              chunk_size=settings.chunk_size, eps=settings.eps,
+                              stats_dtype=settings.stats_dtype, return_state=with_state)
+        y_row, state = result if with_state else (result, None)
+        outputs.append(y[row:row + 1].index_copy(2, index, y_row))
+        states.append(state)
+    return torch.cat(outputs, dim=0), states
+
+
+def echo_sequence(z, q, v, gamma, eta, keep: torch.Tensor | None, settings: EchoSettings) -> torch.Tensor:
+    """Echo output of whole sequences from an empty state (training, or a forward without a cache).
+
+    z, q: [B, H, T, r]; v: [B, H, T, P]; keep: [B, T] bool (False = padding) or None. Returns y [B, H, T, P].
+    Right padding (pads only after real tokens) runs as one batch: causality keeps pads out of the real
+    tokens' outputs. Any other padding runs row by row (module doc).
+    """
+    if keep is None or only_trailing_padding(keep):
+        return echo_chunked(z, q, v, gamma, eta, power=settings.power, chunk_size=settings.chunk_size,
+                            eps=settings.eps, stats_dtype=settings.stats_dtype)
+    y, _ = _echo_rows(z, q, v, gamma, eta, keep, settings, with_state=False)
+    return y
+
+
+def echo_prefill(z, q, v, gamma, eta, keep: torch.Tensor | None, settings: EchoSettings):
+    """First tokens of a sequence into an empty state. Shapes as `echo_sequence`.
+
+    Returns (y [B, H, T, P], EchoState, seen [B] long).
+    """
+    batch, length = z.shape[0], z.shape[2]
+    if keep is None:
+        y, state = echo_chunked(z, q, v, gamma, eta, power=settings.power, chunk_size=settings.chunk_size,
+                                eps=settings.eps, stats_dtype=settings.stats_dtype, return_state=True)
+        return y, state, torch.full((batch,), length, dtype=torch.long, device=z.device)
+    y, states = _echo_rows(z, q, v, gamma, eta, keep, settings, with_state=True)
+    return y, stack_states(states), keep.sum(-1).to(torch.long)
+
+
+def echo_continue(state: EchoState, seen: torch.Tensor, z, q, v, gamma, eta):
+    """Advance a prefilled state token by token (``echo_step``), refreshing each row's held readout when
+    that row's ``seen`` is at a chunk boundary. z, q: [B, H, T, r]; v: [B, H, T, P]; seen: [B].
+
+    Returns (y [B, H, T, P], new state, new seen).
+    """
+    outputs = []
+    for t in range(z.shape[2]):
+        position = state.position
+        if state.chunk_size > 1:
+            refresh = seen % state.chunk_size == 0
+            readout = state.readout
+            if bool(refresh.any()):
+                fresh = readout_operator(state.gram, state.lag, state.cross, per_head(gamma, 2, state.gram),
+                                         state.power, state.eps)
+                readout = torch.where(refresh.view(-1, 1, 1, 1), fresh, readout)
+            # position 1 is mid-chunk for echo_step, so it reads through `readout` as given
+            state = dataclasses.replace(state, readout=readout, position=1)
+        y_t, state = echo_step(state, z[:, :, t], q[:, :, t], v[:, :, t], gamma, eta)
+        state = dataclasses.replace(state, position=position + 1)
+        seen = seen + 1
+        outputs.append(y_t)
+    return torch.stack(outputs, dim=2), state, seen
+
+
+class EchoStateLayer:
+    """The Echo state of one grafted layer inside an `EchoCache` (fixed size: no sequence dimension)."""
+
+    def __init__(self) -> None:
+        self.state: EchoState | None = None
+        self.seen: torch.Tensor | None = None
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    def update(self, state: EchoState, seen: torch.Tensor) -> None:
+        self.state, self.seen = state, seen
+
+    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.state is not None:
+            self.state, self.seen = map_state(self.state, fn), fn(self.seen)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda x: x[indices])
+
+    def reset(self) -> None:
+        self.state = self.seen = None
+
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors (0 before prefill)."""
+        if self.state is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.state.tensors())
+
+
+class EchoWindowLayer(DynamicSlidingWindowLayer):
+    """KV cache of a layer whose attention Echo replaces: the last ``sliding_window - 1`` tokens only.
+
+    ``is_sliding`` is False and `EchoCache` reports the layer as linear, so transformers never sizes the
+    model's shared full or sliding attention masks from this layer (the graft builds its own window mask).
+    """
+
+    is_sliding = False
+
+
+class EchoCache(DynamicCache):
+    """A ``DynamicCache`` for a model with an Echo graft.
+
+    Layers are the base model's own (full or sliding ``DynamicLayer`` from its config) except the
+    ``window_layers``, which become `EchoWindowLayer` (window given per layer). ``echo[i]`` is the
+    `EchoStateLayer` of grafted layer i. Built by ``EchoGraft.make_cache()`` and supplied to ``generate``.
+    """
+
+    def __init__(self, config, echo_layers: Iterable[int], window_layers: dict[int, int] | None = None):
+        super().__init__(config=config)
+        for index, window in (window_layers or {}).items():
+            self.layers[index] = EchoWindowLayer(sliding_window=window)
+        self.echo: dict[int, EchoStateLayer] = {index: EchoStateLayer() for index in echo_layers}
+
+    @property
+    def is_linear(self) -> list[bool]:
+        linear = super().is_linear
+        return [flag or isinstance(layer, EchoWindowLayer) for flag, layer in zip(linear, self.layers)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for layer in self.echo.values():
+            layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for layer in self.echo.values():
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for layer in self.echo.values():
+            layer.batch_select_indices(indices)
+
+    def reset(self) -> None:
+        super().reset()
+        for layer in self.echo.values():
+            layer.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if any(layer.is_initialized for layer in self.echo.values()):
+            raise RuntimeError("an EchoCache holding Echo states cannot be cropped (the statistics are sums)")
+        super().crop(tokens_to_remove)
+
+    @property
+    def is_croppable(self) -> bool:
+        return not any(layer.is_initialized for layer in self.echo.values()) and super().is_croppable
+
+    def kv_bytes(self, layer_idx: int | None = None) -> int:
+        """Bytes of keys and values held (one layer, or all)."""
+        layers = self.layers if layer_idx is None else [self.layers[layer_idx]]
+        return sum(t.numel() * t.element_size() for layer in layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+    def echo_state_bytes(self, layer_idx: int | None = None) -> int:
+        """Bytes of Echo state held (one grafted layer, or all)."""
+        layers = self.echo.values() if layer_idx is None else [self.echo[layer_idx]]
+        return sum(layer.nbytes() for layer in layers)
