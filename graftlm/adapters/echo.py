@@ -172,7 +172,6 @@ class EchoGraft(Graft):
 
     def _install_window_attention(self) -> None:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-        from transformers.modeling_utils import AttentionInterface
 
         model = self.base_model
         previous = model.config._attn_implementation
@@ -183,8 +182,7 @@ class EchoGraft(Graft):
 
         def undo() -> None:
             self.patch.set_attention_implementation(model, self._previous_attention)
-            AttentionInterface._global_mapping.pop(name, None)
-            type(ALL_MASK_ATTENTION_FUNCTIONS)._global_mapping.pop(name, None)
+            self.patch.unregister_attention(name)
 
         self.on_remove(undo)
 

@@ -91,6 +91,10 @@ class Graft(nn.Module):
         as ``past_key_values``); the default leaves them unchanged."""
         return kwargs
 
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        """Called by the recipes loop before each optimizer step (1-based ``step``): schedules such as a
+        ramp from the frozen path to the graft's path live here. The default does nothing."""
+
     def training_loss(self, model: GraftModel, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """Loss terms for one training batch, or None for the plain LM loss of ``model(**batch)``.
 

@@ -41,6 +41,10 @@ class ArchitecturePatch:
         """The self-attention module; its forward returns ``(attn_output [B, T, d], weights)``."""
         return layer.self_attn
 
+    def attention_output_projection(self, layer: nn.Module) -> nn.Module:
+        """The attention's output projection (``o_proj``: heads [B, T, H*Dh] -> [B, T, d])."""
+        return self.attention(layer).o_proj
+
     def attention_output_norm(self, layer: nn.Module) -> nn.Module | None:
         """The norm applied to the attention output before the residual add (Gemma), else None."""
         return getattr(layer, self.attn_output_norm_name) if self.attn_output_norm_name else None
@@ -83,6 +87,14 @@ class ArchitecturePatch:
 
         AttentionInterface.register(name, attention_fn)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_fn or sdpa_mask)
+
+    def unregister_attention(self, name: str) -> None:
+        """Remove an implementation registered with `register_attention` (and its mask function)."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        AttentionInterface._global_mapping.pop(name, None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
 
     def set_attention_implementation(self, model: nn.Module, name: str) -> str:
         """Switch the model to a registered attention implementation; returns the previous one."""

@@ -261,6 +261,8 @@ def train(
     started = time.perf_counter()
     for step in range(start_step + 1, steps + 1):
         step_started = time.perf_counter()
+        for graft in graft_model.grafts.values():
+            graft.on_train_step(step, steps)
         window = [_batch_of(train_set, next(micro_batches), collator) for _ in range(settings.grad_accum)]
         window_tokens = sum(count_label_tokens(b) for b in window)
         loss_sum, extras, seen = 0.0, {}, 0
