@@ -44,7 +44,8 @@ def _cmd_grafts(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from graftlm.demo import run_demo
 
-    summary = run_demo(model_name=args.model, out_dir=args.out, quick=args.quick)
+    summary = run_demo(model_name=args.model, out_dir=args.out, quick=args.quick, steps=args.steps,
+                       n_eval=args.n_eval, baseline=not args.no_baseline)
     return 0 if summary.get("ok") else 1
 
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2-135m", help="embedded checkpoint name or a local path")
     demo.add_argument("--out", default="out/demo", help="directory for the adapter and the report")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 60; 6 with --quick)")
+    demo.add_argument("--n-eval", type=int, default=None, help="held-out examples scored (default 64)")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the LoRA same-budget baseline")
     demo.set_defaults(func=_cmd_demo)
 
     try:
