@@ -6,6 +6,7 @@ from graftlm.adapters.graft import Graft
 from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, NewerVersionWarning
 from graftlm.adapters.lora import LoRAConfig
 from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, GraftModel, attach_adapter, trainable_state_dict
+from graftlm.adapters.sst import SSTConfig
 from graftlm.adapters.registry import (
     UnknownGraftTypeError,
     get_graft_type,
@@ -24,6 +25,7 @@ __all__ = [
     "GraftModel",
     "LoRAConfig",
     "NewerVersionWarning",
+    "SSTConfig",
     "UnknownGraftTypeError",
     "attach_adapter",
     "get_graft_type",

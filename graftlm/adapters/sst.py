@@ -1,0 +1,324 @@
+"""SST sticky-note memory (METHODS.md section 1; "State Stream Transformer V2", arXiv 2605.00206).
+
+Per grafted layer l a state ``s_l`` in R^d is carried from position t-1 to t and blended into the FFN
+input (METHODS.md section 1, "Blend")::
+
+    u_t = (1 - c_l) * h_t + c_l * s_{l,t-1},      c_l = g_l * a_l,   a_l = lo + (hi - lo) * sigmoid(raw_l)
+    f_t = FFN(u_t)                                 (Gemma: pre-norm, MLP, post-norm; Llama: norm, MLP)
+    s_{l,t} = f_t                                  (``state_source="residual"``: s_{l,t} = h_t + f_t)
+
+``h_t`` [B, T, d] is the residual stream after attention (the input of the FFN's input norm); the layer
+still adds ``f_t`` to ``h_t``, so only the FFN sees the blend. ``a_l`` [d] is bounded to
+``[blend_min, blend_max]`` as in the paper; ``s_{l,-1} = 0`` and padding positions carry no state.
+
+Exact base reproduction at init (a reconstruction, the paper starts from its own init): ``g_l`` is one
+learned scalar gate per layer, clamped to [0, 1] and initialised to exactly 0, so a fresh adapter is the
+base model bit for bit, and any trainer (the recipes loop, HF Trainer) opens it by gradient descent
+(d loss / d g_l = a_l (s - h) . dL/du is non-zero at g = 0). The gates add L parameters to the paper's
+L x d blend; both are reported.
+
+Forward modes (the recurrence runs through the pretrained FFN, so it can't be a scan):
+
+* ``two_pass`` (training default and default prefill): pass 1 is the model without the blend, no grad,
+  recording every grafted layer's state; shifted one position these approximate the states; pass 2
+  runs with the blend and with grad. The approximation error is O(a^2).
+* ``exact``: each grafted layer runs its FFN token by token, carrying the state (the recurrence above,
+  exactly). Used for decode (one token), on request for prefill, and for tests.
+
+Generation: the state lives on the transformers ``Cache`` object passed as ``past_key_values``
+(attribute ``graftlm_sst``: layer -> [B, d]), beside the KV cache; decode is the exact recurrence.
+Beam search (cache reordering) is not supported.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from graftlm.adapters.config import GraftConfig
+from graftlm.adapters.graft import Graft
+from graftlm.adapters.lora import DEFAULT_TARGET_MODULES, PeftLoRA
+from graftlm.adapters.registry import register_graft
+
+CACHE_ATTRIBUTE = "graftlm_sst"
+
+
+@dataclass
+class SSTConfig(GraftConfig):
+    """SST sticky-note memory: a per-layer state blended into the FFN input (METHODS.md section 1)."""
+
+    graft_type = "sst"
+
+    blend_min: float = field(default=0.015, metadata={"help": "Lower bound of the per-channel blend weight a."})
+    blend_max: float = field(default=0.10, metadata={"help": "Upper bound of the per-channel blend weight a."})
+    blend_init: float = field(default=0.03, metadata={"help": "Initial blend weight a (inside the bounds)."})
+    state_source: Literal["ffn_output", "residual"] = field(
+        default="ffn_output",
+        metadata={"help": "The new state: the FFN branch output f_t, or the layer output h_t + f_t."},
+    )
+    train_mode: Literal["two_pass", "exact"] = field(
+        default="two_pass", metadata={"help": "Forward used in training: two-pass approximation or exact."}
+    )
+    prefill_mode: Literal["two_pass", "exact"] = field(
+        default="two_pass", metadata={"help": "Forward used at inference for more than one token."}
+    )
+    max_deliberation: int = field(
+        default=4, metadata={"help": "Most repeats of the forward pass at the first answer position."}
+    )
+    lora_r: int = field(default=0, metadata={"help": "Rank of an optional peft LoRA on the base (0: blend only)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES), metadata={"help": "Modules LoRA adapts."}
+    )
+
+
+class _Run:
+    """What one top-level forward does in the hooks: mode, per-layer states, recorded states."""
+
+    def __init__(self, mode: str, token_mask: torch.Tensor | None, cache: Any = None,
+                 initial: dict[int, torch.Tensor] | None = None, states: dict[int, torch.Tensor] | None = None):
+        self.mode = mode  # "record" | "provided" | "sequential"
+        self.token_mask = token_mask  # [B, T] float, 1 at real tokens
+        self.cache = cache
+        self.initial = initial or {}  # layer -> [B, d] state before the first position
+        self.states = states or {}  # layer -> [B, T, d] shifted states ("provided")
+        self.recorded: dict[int, torch.Tensor] = {}  # layer -> [B, T, d] ("record") or [B, d] (last position)
+        self.residual_in: dict[int, torch.Tensor] = {}
+
+
+class SSTGraft(Graft):
+    """Blend weights ``blend_raw`` [L_g, d], gates ``gate`` [L_g], and a halting probe (buffers)."""
+
+    def __init__(self, config: SSTConfig, base_model: nn.Module, patch):
+        super().__init__(config, base_model, patch)
+        if not config.blend_min < config.blend_init < config.blend_max:
+            raise ValueError(f"blend_init {config.blend_init} must lie inside ({config.blend_min}, {config.blend_max})")
+        d = base_model.config.hidden_size
+        n = len(self.layer_indices)
+        fraction = (config.blend_init - config.blend_min) / (config.blend_max - config.blend_min)
+        self.blend_raw = nn.Parameter(torch.full((n, d), math.log(fraction / (1 - fraction))))
+        self.gate = nn.Parameter(torch.zeros(n))
+        # The halting probe is fitted separately (graftlm.adapters.sst_deliberation), not by the LM loss.
+        self.register_buffer("probe_weight", torch.zeros(config.max_deliberation, d))
+        self.register_buffer("probe_bias", torch.zeros(config.max_deliberation))
+        self.row_of = {layer: row for row, layer in enumerate(self.layer_indices)}
+        self.lora: PeftLoRA | None = None
+        self._run: _Run | None = None
+        self._internal = False
+        self._in_branch = False
+
+    # -- parameters ------------------------------------------------------------------------------
+    def blend_weights(self) -> torch.Tensor:
+        """a [L_g, d] in [blend_min, blend_max] (METHODS.md section 1, bounded blend)."""
+        lo, hi = self.config.blend_min, self.config.blend_max
+        return lo + (hi - lo) * torch.sigmoid(self.blend_raw)
+
+    def blend_coefficients(self) -> torch.Tensor:
+        """c = g * a [L_g, d]: the weight of the state in the FFN input."""
+        return self.gate.clamp(0.0, 1.0)[:, None] * self.blend_weights()
+
+    @torch.no_grad()
+    def set_blend(self, a: float | torch.Tensor, gate: float | None = None) -> None:
+        """Set every blend weight to ``a`` (clamped inside the bounds) and optionally every gate."""
+        lo, hi = self.config.blend_min, self.config.blend_max
+        fraction = ((torch.as_tensor(a, dtype=torch.float32) - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)
+        self.blend_raw.copy_(torch.logit(fraction).expand_as(self.blend_raw))
+        if gate is not None:
+            self.gate.fill_(gate)
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return self.lora.parameters() if self.lora else []
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        if self.lora:
+            state.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {k: v for k, v in state.items() if not k.startswith("lora.")}
+        self.load_state_dict(own, strict=True)
+        if self.lora:
+            self.lora.load_state_dict({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")})
+
+    @property
+    def active(self) -> bool:
+        return getattr(self, "_active", True)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
+        if getattr(self, "lora", None) is not None:
+            self.lora.set_active(value)
+
+    # -- install ---------------------------------------------------------------------------------
+    def install(self) -> None:
+        model = self.base_model
+        if self.config.lora_r > 0:
+            self.lora = PeftLoRA(model, f"sst_{id(self):x}", self.config.lora_r, self.config.lora_alpha, 0.0,
+                                 self.config.lora_target_modules)
+            self.on_remove(self.lora.remove)
+        self.add_hook(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self.add_hook(model.register_forward_hook(self._after_model, with_kwargs=True))
+        layers = self.patch.decoder_layers(model)
+        for layer_index in self.layer_indices:
+            layer = layers[layer_index]
+            self.add_hook(self.patch.ffn_input_norm(layer).register_forward_pre_hook(self._blend_hook(layer_index)))
+            self.add_hook(self.patch.ffn_output_module(layer).register_forward_hook(self._state_hook(layer_index)))
+
+    # -- the top-level forward: choose the mode, run pass 1 when two-pass ---------------------------
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if self._internal or not self.active:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else embeds
+        batch, length = reference.shape[:2]
+        token_mask = _token_mask(kwargs.get("attention_mask"), batch, length, reference.device)
+        cache = kwargs.get("past_key_values")
+        initial = getattr(cache, CACHE_ATTRIBUTE, None) or {}
+        if cache is not None and cache.get_seq_length() == 0:
+            initial = {}
+        mode = self.config.train_mode if module.training else self.config.prefill_mode
+        if length == 1 or mode == "exact":
+            self._run = _Run("sequential", token_mask, cache, initial)
+            return None
+        recorded = self._first_pass(module, kwargs, input_ids, embeds, cache)
+        states = {}
+        for layer_index in self.layer_indices:
+            source = recorded.get(layer_index)
+            if source is None:
+                states[layer_index] = None
+                continue
+            first = initial.get(layer_index)
+            first = torch.zeros_like(source[:, 0]) if first is None else first.to(source.dtype)
+            states[layer_index] = torch.cat([first[:, None], source[:, :-1]], dim=1)
+        self._run = _Run("provided", token_mask, cache, initial, states)
+        return None
+
+    def _first_pass(self, module, kwargs, input_ids, embeds, cache) -> dict[int, torch.Tensor]:
+        """Pass 1 (METHODS.md section 1, two-pass training): the model without the blend, no grad."""
+        if not torch.is_grad_enabled() and bool((self.gate == 0).all()):
+            return {}  # the blend is closed: the states can't change the output
+        past = copy.deepcopy(cache) if cache is not None and cache.get_seq_length() > 0 else None
+        batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
+        device = (input_ids if input_ids is not None else embeds).device
+        record = _Run("record", _token_mask(kwargs.get("attention_mask"), batch, length, device))
+        previous, self._run, self._internal = self._run, record, True
+        try:
+            with torch.no_grad():
+                module(input_ids=input_ids, inputs_embeds=embeds, attention_mask=kwargs.get("attention_mask"),
+                       position_ids=kwargs.get("position_ids"), past_key_values=past, use_cache=past is not None,
+                       logits_to_keep=1)
+        finally:
+            self._run, self._internal = previous, False
+        return record.recorded
+
+    def _after_model(self, module, args, kwargs, output):
+        """Store the last position's states on the cache. The run stays current until the next forward:
+        gradient checkpointing re-runs the layer hooks during backward and must see the same states."""
+        run = self._run
+        if self._internal or run is None or run.cache is None:
+            return None
+        setattr(run.cache, CACHE_ATTRIBUTE, dict(run.recorded))
+        run.cache = None
+        return None
+
+    # -- per-layer hooks -----------------------------------------------------------------------------
+    def _blend_hook(self, layer_index: int):
+        row = self.row_of[layer_index]
+
+        def hook(module, args):
+            run = self._run
+            if self._in_branch or run is None or not self.active:
+                return None
+            h = args[0]
+            if self.config.state_source == "residual":
+                run.residual_in[layer_index] = h
+            if run.mode == "record":
+                return None
+            coefficient = self.blend_coefficients()[row].to(h.dtype)
+            if run.mode == "provided":
+                states = run.states.get(layer_index)
+                if states is None:
+                    return None
+                return (h + coefficient * (states - h),) + args[1:]
+            return (self._sequential_inputs(layer_index, h, coefficient, run),) + args[1:]
+
+        return hook
+
+    def _sequential_inputs(self, layer_index: int, h: torch.Tensor, coefficient: torch.Tensor, run: _Run):
+        """The exact recurrence over the positions of ``h`` [B, T, d]; returns the FFN inputs u [B, T, d]."""
+        state = run.initial.get(layer_index)
+        state = torch.zeros_like(h[:, 0]) if state is None else state.to(h.dtype)
+        mask = run.token_mask.to(h.dtype)
+        inputs = []
+        for t in range(h.shape[1]):
+            u_t = h[:, t] + coefficient * (state - h[:, t])
+            inputs.append(u_t)
+            if t + 1 < h.shape[1]:
+                f_t = self._ffn_branch(layer_index, u_t[:, None])[:, 0]
+                new_state = h[:, t] + f_t if self.config.state_source == "residual" else f_t
+                state = new_state * mask[:, t, None]
+        return torch.stack(inputs, dim=1)
+
+    def _ffn_branch(self, layer_index: int, u: torch.Tensor) -> torch.Tensor:
+        """The layer's FFN branch on u [B, T, d] without this graft's hooks: what it adds to the residual."""
+        layer = self.patch.decoder_layers(self.base_model)[layer_index]
+        self._in_branch = True
+        try:
+            out = self.patch.mlp(layer)(self.patch.ffn_input_norm(layer)(u))
+            post = self.patch.ffn_output_norm(layer)
+            return post(out) if post is not None else out
+        finally:
+            self._in_branch = False
+
+    def _state_hook(self, layer_index: int):
+        def hook(module, args, output):
+            run = self._run
+            if self._in_branch or run is None or not self.active:
+                return None
+            state = output
+            if self.config.state_source == "residual":
+                state = run.residual_in[layer_index] + output
+            state = state * run.token_mask.to(state.dtype)[..., None]
+            run.recorded[layer_index] = state.detach() if run.mode == "record" else state[:, -1]
+            return None
+
+        return hook
+
+    # -- the states held by a generation cache ----------------------------------------------------------
+    @staticmethod
+    def cache_states(cache) -> dict[int, torch.Tensor]:
+        """Per grafted layer: the state [B, d] carried into the next position."""
+        return dict(getattr(cache, CACHE_ATTRIBUTE, None) or {})
+
+    @staticmethod
+    def set_cache_states(cache, states: dict[int, torch.Tensor]) -> None:
+        setattr(cache, CACHE_ATTRIBUTE, dict(states))
+
+    @contextmanager
+    def forward_mode(self, mode: Literal["two_pass", "exact"]):
+        """Temporarily force the forward mode of training and inference (e.g. exact for evaluation)."""
+        saved = (self.config.train_mode, self.config.prefill_mode)
+        self.config.train_mode = self.config.prefill_mode = mode
+        try:
+            yield
+        finally:
+            self.config.train_mode, self.config.prefill_mode = saved
+
+
+def _token_mask(attention_mask: Any, batch: int, length: int, device) -> torch.Tensor:
+    """[B, T] 1.0 at real tokens of the current chunk (the last T columns of a 2-D padding mask)."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        return attention_mask[:, -length:].to(device=device, dtype=torch.float32)
+    return torch.ones(batch, length, device=device)
+
+
+register_graft(SSTConfig, SSTGraft)

@@ -1,0 +1,192 @@
+"""SST sticky-note memory on tiny random Llama and Gemma 3 models."""
+
+import pytest
+import torch
+from graft_fixtures import build_tiny_model
+from test_attach import all_hooks, logits
+
+from graftlm import SSTConfig, attach_adapter
+
+IDS = torch.tensor([[3, 17, 42, 9, 77, 5, 120, 33, 8, 61, 14, 99, 7]])  # 13 tokens
+
+
+def family_of(model):
+    return "llama" if model.config.model_type == "llama" else "gemma3"
+
+
+def sst_model(base, a=0.08, gate=1.0, **config):
+    model = attach_adapter(base, SSTConfig(**config))
+    model.grafts["default"].set_blend(a, gate)
+    return model
+
+
+def forward_logits(model, mode, ids=IDS, mask=None):
+    with model.grafts["default"].forward_mode(mode), torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_fresh_adapter_reproduces_base_exactly(tiny_model):
+    before = logits(tiny_model)
+    model = attach_adapter(tiny_model, SSTConfig())
+    assert torch.equal(logits(model), before)
+    with model.grafts["default"].forward_mode("exact"):
+        assert torch.equal(logits(model), before)
+
+
+def test_trainable_parameters_are_blend_plus_gates(tiny_model):
+    model = attach_adapter(tiny_model, SSTConfig())
+    d, layers = tiny_model.config.hidden_size, tiny_model.config.num_hidden_layers
+    assert model.get_nb_trainable_parameters()[0] == layers * d + layers
+    a = model.grafts["default"].blend_weights()
+    assert torch.allclose(a, torch.full_like(a, 0.03))
+
+
+def test_open_blend_changes_logits_and_every_parameter_gets_gradients(tiny_model):
+    model = attach_adapter(tiny_model, SSTConfig())
+    graft = model.grafts["default"]
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert graft.gate.grad is not None and graft.gate.grad.abs().sum() > 0  # the closed gate can open
+    graft.set_blend(0.08, 0.5)
+    model.zero_grad()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert graft.blend_raw.grad.abs().sum() > 0 and graft.gate.grad.abs().sum() > 0
+
+
+def test_blend_changes_the_output(tiny_model):
+    before = logits(tiny_model, IDS)
+    model = sst_model(tiny_model)
+    assert not torch.allclose(forward_logits(model, "exact"), before)
+
+
+def test_blend_weights_stay_in_bounds(tiny_model):
+    model = attach_adapter(tiny_model, SSTConfig(blend_min=0.02, blend_max=0.05))
+    graft = model.grafts["default"]
+    with torch.no_grad():
+        graft.blend_raw.normal_(0, 100)
+    a = graft.blend_weights()
+    assert float(a.min()) >= 0.02 - 1e-7 and float(a.max()) <= 0.05 + 1e-7
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_two_pass_error_is_second_order_in_the_blend(family):
+    """Two-pass vs exact: halving a divides the error by about 4 (METHODS.md: O(a^2))."""
+    errors = []
+    for a in (0.08, 0.04, 0.02):
+        model = sst_model(build_tiny_model(family), a=a, blend_min=0.001, blend_max=0.2)
+        errors.append(float((forward_logits(model, "two_pass") - forward_logits(model, "exact")).abs().max()))
+    assert errors[0] > 0
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(3.0 < r < 5.0 for r in ratios), (errors, ratios)
+
+
+def _greedy_decode(model, prompt, steps, mask=None):
+    """Prefill then token-by-token decode through a DynamicCache; returns the logits of every position."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=prompt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        pieces, ids = [out.logits], prompt
+        for _ in range(steps):
+            next_id = out.logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, next_id], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(next_id)], dim=1)
+            out = model(input_ids=next_id, attention_mask=mask, past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+    return ids, torch.cat(pieces, dim=1)
+
+
+def test_exact_prefill_and_decode_equal_the_exact_forward(tiny_model):
+    model = sst_model(tiny_model, prefill_mode="exact")
+    ids, stepped = _greedy_decode(model, IDS[:, :6], steps=7)
+    full = forward_logits(model, "exact", ids)
+    torch.testing.assert_close(stepped, full[:, : stepped.shape[1]], rtol=1e-4, atol=1e-5)
+
+
+def test_two_pass_prefill_then_exact_decode(tiny_model):
+    """Two-pass prefill, then decode continues the exact recurrence from pass 2's last states."""
+    model = sst_model(tiny_model)
+    prompt = IDS[:, :7]
+    ids, stepped = _greedy_decode(model, prompt, steps=4)
+    torch.testing.assert_close(stepped[:, : prompt.shape[1]], forward_logits(model, "two_pass", prompt))
+    # one decode step equals the exact recurrence started from the two-pass prefill's final states
+    assert not torch.equal(stepped[:, prompt.shape[1]:], forward_logits(model, "two_pass", ids)[:, prompt.shape[1]:])
+
+
+def test_generate_uses_the_state(tiny_model):
+    model = sst_model(tiny_model, prefill_mode="exact")
+    out = model.generate(input_ids=IDS[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected, _ = _greedy_decode(model, IDS[:, :5], steps=6)
+    assert torch.equal(out, expected)
+
+
+def test_left_padded_batch_equals_unpadded_rows(tiny_model):
+    model = sst_model(tiny_model, prefill_mode="exact")
+    short, long = IDS[:, :5], IDS[:, 2:11]
+    pad = long.shape[1] - short.shape[1]
+    batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    _, batched = _greedy_decode(model, batch, steps=4, mask=mask)
+    _, alone_short = _greedy_decode(model, short, steps=4)
+    _, alone_long = _greedy_decode(model, long, steps=4)
+    torch.testing.assert_close(batched[0, pad:], alone_short[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched[1], alone_long[0], rtol=1e-4, atol=1e-5)
+
+
+def test_save_and_reload_exact(tiny_model, tmp_path):
+    model = sst_model(tiny_model, a=0.05, gate=0.7, target_layers=[0, -1])
+    with torch.no_grad():
+        model.grafts["default"].blend_raw.add_(torch.randn_like(model.grafts["default"].blend_raw))
+    expected = forward_logits(model, "two_pass")
+    model.save_pretrained(tmp_path)
+    reloaded = attach_adapter(build_tiny_model(family_of(tiny_model)), tmp_path)
+    assert torch.equal(forward_logits(reloaded, "two_pass"), expected)
+
+
+def test_save_and_reload_with_lora(tiny_model, tmp_path):
+    model = sst_model(tiny_model, lora_r=2)
+    with torch.no_grad():
+        for p in model.graft_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    trainable = model.get_nb_trainable_parameters()[0]
+    assert trainable > tiny_model.config.num_hidden_layers * (tiny_model.config.hidden_size + 1)
+    expected = forward_logits(model, "two_pass")
+    model.save_pretrained(tmp_path)
+    reloaded = attach_adapter(build_tiny_model(family_of(tiny_model)), tmp_path)
+    assert torch.equal(forward_logits(reloaded, "two_pass"), expected)
+
+
+def test_residual_state_source(tiny_model):
+    model = sst_model(tiny_model, state_source="residual", prefill_mode="exact")
+    ids, stepped = _greedy_decode(model, IDS[:, :6], steps=3)
+    torch.testing.assert_close(stepped, forward_logits(model, "exact", ids)[:, : stepped.shape[1]],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    model = sst_model(tiny_model, a=0.05, gate=0.5)
+    model.train()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        return [p.grad.clone() for p in model.graft_parameters()]
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_detach_and_disable_are_exact(tiny_model):
+    before = logits(tiny_model)
+    hooks = all_hooks(tiny_model)
+    model = sst_model(tiny_model)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), before)
+    base = model.detach()
+    assert torch.equal(logits(base), before) and all_hooks(base) == hooks
