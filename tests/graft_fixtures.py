@@ -109,3 +109,20 @@ class AttnBiasGraft(Graft):
 
 register_graft(FFNBiasConfig, FFNBiasGraft)
 register_graft(AttnBiasConfig, AttnBiasGraft)
+
+
+def build_char_tokenizer():
+    """An offline character-level tokenizer whose ids fit the tiny models' 128-token vocabulary."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    symbols = specials + list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

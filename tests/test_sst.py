@@ -64,7 +64,7 @@ def test_blend_weights_stay_in_bounds(tiny_model):
     graft = model.grafts["default"]
     with torch.no_grad():
         graft.blend_raw.normal_(0, 100)
-    a = graft.blend_weights()
+    a = graft.blend_weights().detach()
     assert float(a.min()) >= 0.02 - 1e-7 and float(a.max()) <= 0.05 + 1e-7
 
 
@@ -190,3 +190,87 @@ def test_detach_and_disable_are_exact(tiny_model):
         assert torch.equal(logits(model), before)
     base = model.detach()
     assert torch.equal(logits(base), before) and all_hooks(base) == hooks
+
+
+# -- latent deliberation and the halting probe ------------------------------------------------------
+from graftlm.adapters.sst_deliberation import (  # noqa: E402
+    collect_depth_labels,
+    fit_halting_probe,
+    generate_with_deliberation,
+    probe_depths,
+)
+
+
+def test_deliberation_with_closed_gate_equals_base_generation(tiny_model):
+    expected = tiny_model.generate(input_ids=IDS[:, :6], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model = attach_adapter(tiny_model, SSTConfig())
+    for depth in (1, 4):
+        out = generate_with_deliberation(model, IDS[:, :6], max_new_tokens=5, depth=depth)
+        assert torch.equal(out.sequences, expected)
+
+
+def test_depth_one_equals_generate_with_exact_prefill(tiny_model):
+    model = sst_model(tiny_model, prefill_mode="exact")
+    expected = model.generate(input_ids=IDS[:, :6], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(generate_with_deliberation(model, IDS[:, :6], max_new_tokens=5, depth=1).sequences, expected)
+
+
+def test_deliberation_changes_outputs_and_per_row_depths_match_single_rows(tiny_model):
+    model = sst_model(tiny_model, a=0.1, gate=1.0, prefill_mode="exact")
+    graft = model.grafts["default"]
+    prompt = torch.cat([IDS[:, :7], IDS[:, 3:10]])
+    per_row = generate_with_deliberation(model, prompt, max_new_tokens=4, depth=torch.tensor([1, 3]))
+    row0 = generate_with_deliberation(model, prompt[:1], max_new_tokens=4, depth=1)
+    row1 = generate_with_deliberation(model, prompt[1:], max_new_tokens=4, depth=3)
+    assert torch.equal(per_row.sequences[0], row0.sequences[0])
+    assert torch.equal(per_row.sequences[1], row1.sequences[0])
+    assert per_row.depths.tolist() == [1, 3]
+    # a repeat really changes the states (and so the first-answer logits) when the blend is open
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt[:1, :-1], past_key_values=cache, use_cache=True)
+        entry = graft.cache_states(cache)
+        once = model(input_ids=prompt[:1, -1:], past_key_values=cache, use_cache=True).logits
+        after_one = graft.cache_states(cache)
+        cache.crop(-1)
+        graft.set_cache_states(cache, after_one)
+        twice = model(input_ids=prompt[:1, -1:], past_key_values=cache, use_cache=True).logits
+    assert entry and not torch.allclose(once, twice)
+
+
+def test_probe_fits_separable_labels_and_sets_depths(tiny_model, tmp_path):
+    model = sst_model(tiny_model)
+    graft = model.grafts["default"]
+    d = tiny_model.config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(4, d, generator=generator) * 3
+    labels = torch.arange(4).repeat(25) + 1
+    features = centres[labels - 1] + 0.3 * torch.randn(100, d, generator=generator)
+    assert fit_halting_probe(graft, features, labels) == 1.0
+    assert torch.equal(probe_depths(graft, features), labels)
+    out = generate_with_deliberation(model, IDS[:, :6], max_new_tokens=3, depth="probe")
+    assert out.depths.tolist() == probe_depths(graft, out.features).tolist()
+    model.save_pretrained(tmp_path)
+    reloaded = attach_adapter(build_tiny_model(family_of(tiny_model)), tmp_path)
+    assert torch.equal(reloaded.grafts["default"].probe_weight, graft.probe_weight)
+
+
+def test_collect_depth_labels_marks_the_smallest_correct_depth(tiny_model):
+    from graft_fixtures import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    model = sst_model(tiny_model, a=0.1, prefill_mode="exact")
+    prompts = ["ab", "hello", "xyz"]
+    first = collect_depth_labels(model, tokenizer, prompts, lambda i, text: True, max_new_tokens=2)
+    assert first["labels"].tolist() == [1, 1, 1] and first["correct"].all()
+    assert first["features"].shape == (3, tiny_model.config.hidden_size)
+    calls = {"n": 0}
+
+    def only_depth_three(i, text):
+        calls["n"] += 1
+        return (calls["n"] - 1) // len(prompts) == 2  # batch of 3 prompts, depths in order 1..4
+
+    labelled = collect_depth_labels(model, tokenizer, prompts, only_depth_three, max_new_tokens=2)
+    assert labelled["labels"].tolist() == [3, 3, 3]

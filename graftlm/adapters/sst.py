@@ -183,8 +183,6 @@ class SSTGraft(Graft):
         token_mask = _token_mask(kwargs.get("attention_mask"), batch, length, reference.device)
         cache = kwargs.get("past_key_values")
         initial = getattr(cache, CACHE_ATTRIBUTE, None) or {}
-        if cache is not None and cache.get_seq_length() == 0:
-            initial = {}
         mode = self.config.train_mode if module.training else self.config.prefill_mode
         if length == 1 or mode == "exact":
             self._run = _Run("sequential", token_mask, cache, initial)
