@@ -274,3 +274,25 @@ def test_collect_depth_labels_marks_the_smallest_correct_depth(tiny_model):
 
     labelled = collect_depth_labels(model, tokenizer, prompts, only_depth_three, max_new_tokens=2)
     assert labelled["labels"].tolist() == [3, 3, 3]
+
+
+def test_deliberation_past_the_sliding_window_of_gemma():
+    """Repeats crop the cache; Gemma's sliding-window layers must roll back past a full window."""
+    model = sst_model(build_tiny_model("gemma3"), a=0.1, prefill_mode="exact")  # sliding_window = 8
+    prompt = IDS[:, :13]
+    out = generate_with_deliberation(model, prompt, max_new_tokens=3, depth=2)
+    # reference: repeat the last position from a copy of the prefix cache instead of cropping
+    import copy
+
+    from transformers import DynamicCache
+
+    graft = model.grafts["default"]
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True)
+        prefix = copy.deepcopy(cache)
+        model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
+        first = graft.cache_states(cache)
+        graft.set_cache_states(prefix, first)
+        logits = model(input_ids=prompt[:, -1:], past_key_values=prefix, use_cache=True).logits
+    assert out.sequences[0, 13] == logits[0, -1].argmax()

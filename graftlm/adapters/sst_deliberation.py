@@ -74,6 +74,7 @@ def generate_with_deliberation(
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()  # sliding-window layers (Gemma 3) must be able to crop the repeated entry
     if input_ids.shape[1] > 1:
         model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
               position_ids=_positions(mask)[:, :-1])
@@ -110,6 +111,10 @@ def generate_with_deliberation(
         entry_states = inputs
         carried = states
     graft.set_cache_states(cache, final_states)
+    for layer in cache.layers:
+        if getattr(layer, "record_past", False):
+            layer.crop(0)  # deliberation is over: trim sliding-window layers back to their window
+            layer.record_past = False
 
     generated = [final_logits.argmax(-1, keepdim=True)]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
