@@ -39,13 +39,13 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _score(model, tokenizer, n: int) -> dict[str, Any]:
+def score_task(model, tokenizer, n: int) -> dict[str, Any]:
     from graftlm.eval import evaluate
 
     return evaluate(model, tokenizer, TASK, TASK_KWARGS, n=n, seed=EVAL_SEED, batch_size=16, progress=False)
 
 
-def _train(model, tokenizer, graft: dict[str, Any], lr: float, steps: int, n_train: int, out_dir: Path):
+def train_graft(model, tokenizer, graft: dict[str, Any], lr: float, steps: int, n_train: int, out_dir: Path):
     from graftlm.recipes.config import build_recipe
     from graftlm.recipes.loop import train
 
@@ -61,7 +61,7 @@ def _train(model, tokenizer, graft: dict[str, Any], lr: float, steps: int, n_tra
     return train(recipe, model=model, tokenizer=tokenizer)
 
 
-def _default_graft() -> tuple[dict[str, Any], float]:
+def default_graft() -> tuple[dict[str, Any], float]:
     """The demo's graft spec and learning rate: SST when this build has it, else LoRA."""
     from graftlm.adapters import registered_graft_types
 
@@ -86,28 +86,28 @@ def run_demo(model_name: str = "smollm2-135m", out_dir: str | Path = "out/demo",
 
     (model, tokenizer), load_s = _timed(lambda: load_model(model_name))
     rows.append((f"load {model_name}", f"{load_s:.1f} s"))
-    scores["frozen base"] = _score(model, tokenizer, n_eval)
+    scores["frozen base"] = score_task(model, tokenizer, n_eval)
 
-    graft_spec, lr = _default_graft()
+    graft_spec, lr = default_graft()
     graft_type = graft_spec["type"]
-    result, train_s = _timed(lambda: _train(model, tokenizer, graft_spec, lr, steps, n_train, out_dir / graft_type))
+    result, train_s = _timed(lambda: train_graft(model, tokenizer, graft_spec, lr, steps, n_train, out_dir / graft_type))
     graft_model = result.model
     summary = result.summary
     rows.append((f"{graft_type}: trainable / total params",
                  f"{summary['trainable_params']:,} / {summary['total_params']:,}"))
     rows.append((f"{graft_type}: train {steps} steps", _train_row(summary, train_s)))
-    scores[graft_type] = _score(graft_model, tokenizer, n_eval)
+    scores[graft_type] = score_task(graft_model, tokenizer, n_eval)
 
     if baseline:
         base_for_lora, _ = load_model(model_name)
         rank = lora_rank_for_budget(base_for_lora, summary["trainable_params"], ["v_proj"])
         lora_spec = {"type": "lora", "r": rank, "target_modules": ["v_proj"]}
         lora_result, lora_s = _timed(
-            lambda: _train(base_for_lora, tokenizer, lora_spec, 1e-3, steps, n_train, out_dir / "lora"))
+            lambda: train_graft(base_for_lora, tokenizer, lora_spec, 1e-3, steps, n_train, out_dir / "lora"))
         rows.append(("LoRA same budget: trainable params",
                      f"{lora_result.summary['trainable_params']:,} (r={rank}, v_proj)"))
         rows.append(("LoRA same budget: train", _train_row(lora_result.summary, lora_s)))
-        scores["LoRA, same budget"] = _score(lora_result.model, tokenizer, n_eval)
+        scores["LoRA, same budget"] = score_task(lora_result.model, tokenizer, n_eval)
         del base_for_lora, lora_result
 
     for label, score in scores.items():
@@ -123,7 +123,7 @@ def run_demo(model_name: str = "smollm2-135m", out_dir: str | Path = "out/demo",
     fresh_logits = _logits(fresh, ids)
     reloaded = attach_adapter(fresh, adapter_dir)
     reload_exact = torch.equal(_logits(reloaded, ids), expected)
-    reloaded_score = _score(reloaded, tokenizer, n_eval)
+    reloaded_score = score_task(reloaded, tokenizer, n_eval)
     same_outputs = [r["completion"] for r in reloaded_score["records"]] == [
         r["completion"] for r in scores[graft_type]["records"]]
     rows.append(("reloaded adapter: logits identical", str(reload_exact)))
