@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
+def _interleaved_min(fns: dict, repeats: int) -> dict:
+    """Run each timed function once per round, alternating, and keep each one's fastest round: on a
+    shared machine, alternating spreads other load evenly over the variants compared."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times) if repeats < 3 else statistics.median(times)
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
 
 
 def _train_step(model, ids):
@@ -40,46 +42,47 @@ def measure(name: str, seq: int, batch: int, decode: int, repeats: int) -> dict:
     from graftlm.adapters.sst_deliberation import generate_with_deliberation
     from graftlm.recipes.budget import lora_rank_for_budget
 
-    model, _ = load_model(name)
-    config = model.config
+    sst_base, _ = load_model(name)
+    lora_base, _ = load_model(name)
+    config = sst_base.config
     ids = torch.randint(100, config.vocab_size - 100, (batch, seq), generator=torch.Generator().manual_seed(0))
     prompt = ids[:1, :32]
 
-    base_decode = _best(lambda: model.generate(input_ids=prompt, max_new_tokens=decode, min_new_tokens=decode,
-                                               do_sample=False, pad_token_id=0), repeats)
-
-    sst = attach_adapter(model, SSTConfig())
+    sst = attach_adapter(sst_base, SSTConfig())
     graft = sst.grafts["default"]
     graft.set_blend(0.03, 1.0)
-    blend = graft.blend_raw.numel()
-    gates = graft.gate.numel()
+    blend, gates = graft.blend_raw.numel(), graft.gate.numel()
     probe = graft.probe_weight.numel() + graft.probe_bias.numel()
-    sst.train()
-    _train_step(sst, ids)
-    two_pass = _best(lambda: _train_step(sst, ids), repeats)
-    sst.eval()
-    depth = {}
-    for d in (1, 4):
-        depth[d] = _best(lambda: generate_with_deliberation(sst, prompt, max_new_tokens=decode, depth=d), repeats)
-    base = sst.detach()
+    rank = lora_rank_for_budget(lora_base, blend + gates, ["v_proj"])
+    lora = attach_adapter(lora_base, LoRAConfig(r=rank, target_modules=["v_proj"]))
 
-    rank = lora_rank_for_budget(base, blend + gates, ["v_proj"])
-    lora = attach_adapter(base, LoRAConfig(r=rank, target_modules=["v_proj"]))
+    sst.train()
     lora.train()
-    _train_step(lora, ids)
-    plain = _best(lambda: _train_step(lora, ids), repeats)
+    steps = _interleaved_min({"two_pass": lambda: _train_step(sst, ids), "lora": lambda: _train_step(lora, ids)},
+                             repeats)
+    sst.eval()
     lora.detach()
+
+    def base_generate():
+        lora_base.generate(input_ids=prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False,
+                           pad_token_id=0)
+
+    decodes = _interleaved_min({
+        "base": base_generate,
+        "depth1": lambda: generate_with_deliberation(sst, prompt, max_new_tokens=decode, depth=1),
+        "depth4": lambda: generate_with_deliberation(sst, prompt, max_new_tokens=decode, depth=4),
+    }, repeats)
     return {
         "model": name, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
         "blend_params": blend, "gate_params": gates, "probe_buffers": probe,
-        "train_tokens": batch * seq, "two_pass_step_s": round(two_pass, 3),
-        "lora_same_budget_step_s": round(plain, 3), "lora_rank": rank,
-        "two_pass_step_ratio": round(two_pass / plain, 2),
-        "base_decode_tok_s": round(decode / base_decode, 1),
-        "sst_depth1_decode_tok_s": round(decode / depth[1], 1),
-        "sst_depth4_decode_tok_s": round(decode / depth[4], 1),
-        "depth1_ratio": round(base_decode / depth[1], 2),
-        "depth4_ratio": round(base_decode / depth[4], 2),
+        "train_tokens": batch * seq, "two_pass_step_s": round(steps["two_pass"], 3),
+        "lora_same_budget_step_s": round(steps["lora"], 3), "lora_rank": rank,
+        "two_pass_step_ratio": round(steps["two_pass"] / steps["lora"], 2),
+        "base_decode_tok_s": round(decode / decodes["base"], 1),
+        "sst_depth1_decode_tok_s": round(decode / decodes["depth1"], 1),
+        "sst_depth4_decode_tok_s": round(decode / decodes["depth4"], 1),
+        "depth1_ratio": round(decodes["base"] / decodes["depth1"], 2),
+        "depth4_ratio": round(decodes["base"] / decodes["depth4"], 2),
     }
 
 
@@ -89,7 +92,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--decode", type=int, default=16, help="new tokens per decode measurement")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     rows = [measure(name, args.seq, args.batch, args.decode, args.repeats) for name in args.models]
     print(json.dumps(rows, indent=2))

@@ -73,7 +73,7 @@ def default_graft() -> tuple[dict[str, Any], float]:
 def run_demo(model_name: str = "smollm2-135m", out_dir: str | Path = "out/demo", quick: bool = False,
              steps: int | None = None, n_eval: int | None = None, baseline: bool = True) -> dict:
     import graftlm
-    from graftlm import LoRAConfig, attach_adapter, load_model
+    from graftlm import attach_adapter, load_model
     from graftlm.recipes.budget import lora_rank_for_budget
 
     out_dir = Path(out_dir)

@@ -193,7 +193,7 @@ def test_detach_and_disable_are_exact(tiny_model):
 
 
 # -- latent deliberation and the halting probe ------------------------------------------------------
-from graftlm.adapters.sst_deliberation import (  # noqa: E402
+from graftlm.adapters.sst_deliberation import (
     collect_depth_labels,
     fit_halting_probe,
     generate_with_deliberation,

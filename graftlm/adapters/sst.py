@@ -175,7 +175,7 @@ class SSTGraft(Graft):
     # -- the top-level forward: choose the mode, run pass 1 when two-pass ---------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         if self._internal or not self.active:
-            return None
+            return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         reference = input_ids if input_ids is not None else embeds
@@ -186,7 +186,7 @@ class SSTGraft(Graft):
         mode = self.config.train_mode if module.training else self.config.prefill_mode
         if length == 1 or mode == "exact":
             self._run = _Run("sequential", token_mask, cache, initial)
-            return None
+            return
         recorded = self._first_pass(module, kwargs, input_ids, embeds, cache)
         states = {}
         for layer_index in self.layer_indices:
@@ -198,7 +198,7 @@ class SSTGraft(Graft):
             first = torch.zeros_like(source[:, 0]) if first is None else first.to(source.dtype)
             states[layer_index] = torch.cat([first[:, None], source[:, :-1]], dim=1)
         self._run = _Run("provided", token_mask, cache, initial, states)
-        return None
+        return
 
     def _first_pass(self, module, kwargs, input_ids, embeds, cache) -> dict[int, torch.Tensor]:
         """Pass 1 (METHODS.md section 1, two-pass training): the model without the blend, no grad."""
@@ -223,10 +223,10 @@ class SSTGraft(Graft):
         gradient checkpointing re-runs the layer hooks during backward and must see the same states."""
         run = self._run
         if self._internal or run is None or run.cache is None:
-            return None
+            return
         setattr(run.cache, CACHE_ATTRIBUTE, dict(run.recorded))
         run.cache = None
-        return None
+        return
 
     # -- per-layer hooks -----------------------------------------------------------------------------
     def _blend_hook(self, layer_index: int):
@@ -281,13 +281,13 @@ class SSTGraft(Graft):
         def hook(module, args, output):
             run = self._run
             if self._in_branch or run is None or not self.active:
-                return None
+                return
             state = output
             if self.config.state_source == "residual":
                 state = run.residual_in[layer_index] + output
             state = state * run.token_mask.to(state.dtype)[..., None]
             run.recorded[layer_index] = state.detach() if run.mode == "record" else state[:, -1]
-            return None
+            return
 
         return hook
 

@@ -14,8 +14,8 @@ picks each sequence's depth. Its weights are buffers of the SST graft, saved in 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
