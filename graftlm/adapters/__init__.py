@@ -6,6 +6,7 @@ from graftlm.adapters.graft import Graft
 from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, NewerVersionWarning
 from graftlm.adapters.lora import LoRAConfig
 from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, GraftModel, attach_adapter, trainable_state_dict
+from graftlm.adapters.range_search import RangeSearchConfig
 from graftlm.adapters.sst import SSTConfig
 from graftlm.adapters.registry import (
     UnknownGraftTypeError,
@@ -25,6 +26,7 @@ __all__ = [
     "GraftModel",
     "LoRAConfig",
     "NewerVersionWarning",
+    "RangeSearchConfig",
     "SSTConfig",
     "UnknownGraftTypeError",
     "attach_adapter",

@@ -1,0 +1,341 @@
+"""Range-search attention as a graft (METHODS.md section 4; arXiv 2605.06763): decode attention of the
+frozen model's full-attention layers runs over an exact halfspace range of its KV cache.
+
+At a decode step (one query token) of a grafted layer, each query head h keeps
+
+    R(q_h, tau_h) = { k : q_h . k >= tau_h }  u  sinks  u  recent window
+
+found through the product-ball tree index of `graftlm.kernels.range_search` (no false negatives: every
+key above tau is kept), and runs an ordinary softmax over exactly those keys with exact scores. Prefill
+(query length > 1) is dense. Gemma 3's sliding-window layers are always left dense. No trainable
+parameters: the saved adapter holds only its config.
+
+How it is wired (transformers 5.x):
+
+* An attention function registered under a name of its own with ``AttentionInterface`` together with
+  transformers' SDPA mask function (``AttentionMaskInterface``; without a mask function the mask is
+  silently dropped), switched on with ``set_attention_implementation`` at install and restored at
+  remove. Everything that is not a grafted decode step (prefill, sliding layers, short caches, a
+  disabled graft) is delegated unchanged to ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
+  The base's own implementation before attaching is not reused: on a base that ran ``eager`` the
+  logits therefore match to float tolerance, on ``sdpa`` (the default) bit for bit.
+* The index lives on a `RangeSearchCache` (``range_search_cache.py``). The attention function gets no
+  cache argument, so a forward pre-hook (with kwargs) on each grafted attention module hands the
+  module's ``past_key_values`` to the graft for the duration of that module's forward.
+* ``generate`` through `GraftModel` gets a fresh `RangeSearchCache` via `prepare_generate_kwargs` when
+  the caller passed no cache. A caller's own cache of another type (a plain ``DynamicCache``, or another
+  graft's cache) is used as given and decode stays dense (with a one-time warning): an index kept
+  beside a foreign cache could silently go stale under beam reordering or cropping.
+
+Thresholds, per query head (``threshold``):
+
+* ``"budget"``: tau is the exact ceil(budget * n)-th largest score, from all n scores. Exact, but
+  computing every score costs as much as dense attention's first half, so this mode saves nothing; it
+  is the reference for what a budget means.
+* ``"reservoir"``: tau is the (1 - budget) quantile of the scores of a uniform reservoir sample of the
+  layer's keys (``reservoir_size`` per kv head). Cost independent of n; the kept fraction is an estimate
+  (it can be above or below the budget). This is the realistic fast mode. With left padding the sample
+  may include padded positions (their keys are those of the pad token), which blurs that row's estimate.
+
+Sinks are the first ``n_sink`` real tokens of each row (left padding shifts them), the window is the
+last ``window`` positions. Decode steps with fewer than ``min_keys`` keys stay dense.
+
+Limits: anything that rewrites a `RangeSearchCache`'s past (beam search reorders it every step, contrastive
+search selects rows, ``crop``) drops the indexes, and the next step rebuilds them from the cache: correct,
+but beam search then pays an index build per step. The Triton backend is forward only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from graftlm.adapters.config import GraftConfig
+from graftlm.adapters.graft import Graft
+from graftlm.adapters.range_search_cache import RangeSearchCache, RangeSearchLayerState
+from graftlm.adapters.registry import register_graft
+from graftlm.kernels.range_search import (
+    RangeSearchIndex,
+    budget_threshold,
+    exact_scores,
+    gathered_attention,
+    pack_rows,
+    pair_scores,
+    ragged_softmax_attention,
+    softmax_mass_recall,
+    triton_available,
+)
+
+THRESHOLD_MODES = ("budget", "reservoir")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class RangeSearchConfig(GraftConfig):
+    """Range-search decode attention over an exact halfspace index of the KV cache (METHODS.md section 4)."""
+
+    graft_type = "range_search"
+
+    budget: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of a row's keys each query head keeps above tau (sinks and window come on "
+                          "top). >= 1 keeps every key (tau = -inf): decode then equals dense attention."},
+    )
+    threshold: str = field(
+        default="reservoir",
+        metadata={"help": "How tau is set: 'reservoir' (quantile of a uniform key sample; fast, approximate "
+                          "budget) or 'budget' (exact top-budget from all scores; costs a dense score pass)."},
+    )
+    reservoir_size: int = field(
+        default=1024, metadata={"help": "Keys sampled per kv head for threshold='reservoir'."}
+    )
+    n_subspaces: int = field(default=4, metadata={"help": "Subspaces S the head dimension is split into."})
+    leaf_size: int = field(default=4, metadata={"help": "Keys per leaf ball of the index."})
+    fanout: int = field(default=4, metadata={"help": "Children per inner node of the index tree."})
+    block_size: int = field(
+        default=256, metadata={"help": "Decode keys buffered before they are clustered into the index."}
+    )
+    n_sink: int = field(default=4, metadata={"help": "First real tokens of each row always attended."})
+    window: int = field(default=256, metadata={"help": "Most recent positions always attended."})
+    min_keys: int = field(
+        default=1024, metadata={"help": "Decode steps over fewer keys than this stay dense."}
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"help": "'torch' (vectorised CPU path), 'triton' (GPU, or TRITON_INTERPRET=1), or 'auto' "
+                          "(triton on CUDA when importable, else torch)."},
+    )
+    track_recall: bool = field(
+        default=False,
+        metadata={"help": "Record per step and layer the softmax mass captured and the fraction of keys kept "
+                          "(costs a dense score pass; for evaluation only)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the key reservoir."})
+
+    def __post_init__(self) -> None:
+        if self.threshold not in THRESHOLD_MODES:
+            raise ValueError(f"threshold must be one of {THRESHOLD_MODES}, not {self.threshold!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+        if not self.budget > 0:
+            raise ValueError(f"budget must be > 0, not {self.budget}")
+
+
+# -- the decode computation: pure tensor functions ------------------------------------------------------
+def decode_key_mask(attention_mask: torch.Tensor | None, batch: int, n_keys: int) -> torch.Tensor | None:
+    """Real keys of a one-token decode step from the 4D attention mask: [B, N] bool, None = all real.
+
+    attention_mask: transformers' SDPA mask [B or 1, 1 or H, 1, N] (bool, True = attend) or additive float.
+    """
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, -n_keys:]
+    real = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    real = real.expand(batch, n_keys)
+    return None if bool(real.all()) else real
+
+
+def forced_keys(key_mask: torch.Tensor | None, batch: int, n_keys: int, n_sink: int, n_window: int,
+                device: torch.device) -> torch.Tensor:
+    """Keys attended whatever their score: [B, N] bool. Sinks are the first n_sink REAL keys of each row
+    (so left padding shifts them), the window the last n_window positions; padded keys never."""
+    position = torch.arange(n_keys, device=device)
+    window = (position >= n_keys - n_window).expand(batch, n_keys)
+    if key_mask is None:
+        return window | (position < n_sink)
+    sinks = key_mask & (key_mask.long().cumsum(-1) <= n_sink)
+    return (window | sinks) & key_mask
+
+
+def attended_pairs(
+    q: torch.Tensor, keys: torch.Tensor, index: RangeSearchIndex, tau: torch.Tensor, forced: torch.Tensor,
+    key_mask: torch.Tensor | None, bounds_backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The keys each query row attends, R(q, tau) u forced, as flat pairs with exact scores.
+
+    q [B, H_q, D], keys [B, H_kv, N, D], tau [B, H_q], forced [B, N] bool, key_mask [B, N] or None ->
+    (rows [P], key_ids [P], scores [P] float32), row = b * H_q + h. The index prunes (its node bounds
+    scored by ``bounds_backend``); survivors are filtered with the exact score (`pair_scores`, the same
+    expression as brute force), so the set equals brute force even for a key whose score IS tau.
+    """
+    h_q = q.shape[1]
+    rows, ids = index.candidates(q, tau, backend=bounds_backend)
+    batch_of = torch.div(rows, h_q, rounding_mode="floor")
+    scores = pair_scores(q, keys, rows, ids)
+    hit = (scores >= tau.float().reshape(-1).index_select(0, rows)) & ~forced[batch_of, ids]
+    if key_mask is not None:
+        hit &= key_mask[batch_of, ids]
+    hit = hit.nonzero().squeeze(-1)
+    f_rows, f_ids = forced_pairs(forced, h_q)
+    return (torch.cat([rows.index_select(0, hit), f_rows]), torch.cat([ids.index_select(0, hit), f_ids]),
+            torch.cat([scores.index_select(0, hit), pair_scores(q, keys, f_rows, f_ids)]))
+
+
+def forced_pairs(forced: torch.Tensor, n_q_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """forced [B, N] bool -> (rows [F * H_q], key_ids [F * H_q]): every forced key for every head."""
+    batch_idx, key_idx = forced.nonzero(as_tuple=True)
+    heads = torch.arange(n_q_heads, device=forced.device)
+    return (batch_idx[:, None] * n_q_heads + heads).reshape(-1), key_idx.repeat_interleave(n_q_heads)
+
+
+def range_search_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: RangeSearchIndex, tau: torch.Tensor, *,
+    forced: torch.Tensor, key_mask: torch.Tensor | None, scale: float, backend: str = "torch",
+) -> torch.Tensor:
+    """Softmax attention over R(q, tau) u forced through the index: [B, H_q, D_v] float32.
+
+    q [B, H_q, D], keys / values [B, H_kv, N, D(_v)] (the cache the index holds), tau [B, H_q] raw q . k
+    units, forced [B, N] bool (`forced_keys`). backend "torch": ragged softmax over the pairs
+    (`cpu.ragged_softmax_attention`); "triton": node bounds by `triton_kernels.pair_bounds` and the
+    softmax by `triton_kernels.gathered_attention` over the already filtered pairs. The kernel's fused
+    tau filter is not used: its own summation order can drop a key whose score equals tau, and the
+    exact-budget tau is always some key's score.
+    """
+    b, h_q, _ = q.shape
+    if backend == "torch":
+        rows, ids, scores = attended_pairs(q, keys, index, tau, forced, key_mask)
+        return ragged_softmax_attention(rows, ids, scores, values, h_q, scale).view(b, h_q, -1)
+    rows, ids, _ = attended_pairs(q, keys, index, tau, forced, key_mask, bounds_backend="triton")
+    return gathered_attention(q, keys, values, pack_rows(rows, ids, b * h_q), scale=scale)
+
+
+# -- the graft ---------------------------------------------------------------------------------------
+class RangeSearchGraft(Graft):
+    """Installs range-search decode attention on the full-attention layers in ``target_layers``.
+
+    After generation with ``track_recall`` on, ``recall_log`` holds one dict per (decode step, layer):
+    ``layer``, ``n_keys``, ``mass_recall`` (fraction of the exact softmax mass on the attended keys),
+    ``kept_fraction`` (attended / real keys), ``threshold_recall`` (keys above tau that were retrieved:
+    1.0 by construction).
+    """
+
+    def __init__(self, config: RangeSearchConfig, base_model, patch):
+        super().__init__(config, base_model, patch)
+        types = patch.layer_types(base_model)
+        self.layer_indices = [i for i in self.layer_indices if types[i] == "full_attention"]
+        self._grafted = set(self.layer_indices)
+        self._attention_name = f"graftlm_range_search_{id(self):x}"
+        self._caches: dict[int, Any] = {}
+        self._warned_foreign_cache = False
+        self.recall_log: list[dict[str, float]] = []
+
+    # -- install / remove
+    def install(self) -> None:
+        name = self._attention_name
+        self.patch.register_attention(name, self.attention, sdpa_mask)
+        self.on_remove(lambda: self.patch.unregister_attention(name))
+        previous = self.patch.set_attention_implementation(self.base_model, name)
+        self.on_remove(lambda: self.patch.set_attention_implementation(self.base_model, previous))
+        self.on_remove(self._caches.clear)
+        layers = self.patch.decoder_layers(self.base_model)
+        for i in self.layer_indices:
+            attention = self.patch.attention(layers[i])
+            self.add_hook(attention.register_forward_pre_hook(self._capture_cache, with_kwargs=True))
+            self.add_hook(attention.register_forward_hook(self._release_cache))
+
+    def _capture_cache(self, module, args, kwargs):
+        self._caches[module.layer_idx] = kwargs.get("past_key_values")
+
+    def _release_cache(self, module, args, output):
+        self._caches.pop(module.layer_idx, None)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    # -- generation
+    def make_cache(self) -> RangeSearchCache:
+        """A fresh `RangeSearchCache` for this model and graft (what ``generate`` gets by default)."""
+        c = self.config
+        index_options = {"n_subspaces": c.n_subspaces, "leaf_size": c.leaf_size, "fanout": c.fanout,
+                         "block_size": c.block_size}
+        reservoir = c.reservoir_size if c.threshold == "reservoir" and c.budget < 1.0 else None
+        return RangeSearchCache(self.base_model.config, self.layer_indices, index_options, reservoir, c.seed)
+
+    def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Supply `make_cache()` as ``past_key_values`` unless the caller passed a cache or disabled caching."""
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+            return {**kwargs, "past_key_values": self.make_cache(), "use_cache": True}
+        return kwargs
+
+    # -- attention
+    def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        """The registered attention function. query [B, H_q, T, D], key / value [B, H_kv, N, D] (the whole
+        cache after this step's update) -> ([B, T, H_q, D_v], None), as transformers' SDPA function."""
+        layer_idx = getattr(module, "layer_idx", None)
+        decode = (self.active and layer_idx in self._grafted and query.shape[2] == 1
+                  and key.shape[2] >= max(2, self.config.min_keys))
+        cache = self._caches.get(layer_idx) if decode else None
+        if decode and not (isinstance(cache, RangeSearchCache) and layer_idx in cache.range_search):
+            self._warn_foreign_cache(cache)
+            decode = False
+        if not decode:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = self._decode(layer_idx, cache.range_search[layer_idx], query[:, :, 0], key, value,
+                           attention_mask, scale)
+        return out.to(query.dtype).unsqueeze(1), None
+
+    def _warn_foreign_cache(self, cache) -> None:
+        if not self._warned_foreign_cache:
+            self._warned_foreign_cache = True
+            warnings.warn(
+                f"range-search graft: decode with a {type(cache).__name__} instead of a RangeSearchCache stays "
+                "dense; use GraftModel.generate without past_key_values, or pass graft.make_cache()",
+                stacklevel=3,
+            )
+
+    def _backend(self, q: torch.Tensor) -> str:
+        if self.config.backend == "auto":
+            return "triton" if q.is_cuda and triton_available() else "torch"
+        return self.config.backend
+
+    def _decode(self, layer_idx: int, state: RangeSearchLayerState, q, keys, values, attention_mask, scale):
+        b, n = q.shape[0], keys.shape[2]
+        key_mask = decode_key_mask(attention_mask, b, n)
+        index = state.sync(keys)
+        scores = exact_scores(q, keys) if self.config.threshold == "budget" or self.config.track_recall else None
+        tau = self._threshold(q, scores, key_mask, state)
+        forced = forced_keys(key_mask, b, n, self.config.n_sink, self.config.window, keys.device)
+        out = range_search_decode(q, keys, values, index, tau, forced=forced, key_mask=key_mask, scale=scale,
+                                  backend=self._backend(q))
+        state.n_queries += 1
+        if self.config.track_recall:
+            self._record(layer_idx, state, q, keys, index, tau, forced, key_mask, scores, scale)
+        return out
+
+    def _threshold(self, q, scores, key_mask, state: RangeSearchLayerState) -> torch.Tensor:
+        """tau [B, H_q] in raw q . k units."""
+        if self.config.budget >= 1.0:
+            return q.new_full(q.shape[:2], -math.inf, dtype=torch.float32)
+        if self.config.threshold == "budget":
+            return budget_threshold(scores, self.config.budget, key_mask)
+        return state.reservoir.threshold(q, self.config.budget)
+
+    def _record(self, layer_idx, state, q, keys, index, tau, forced, key_mask, scores, scale) -> None:
+        rows, ids, _ = attended_pairs(q, keys, index, tau, forced, key_mask)
+        b, h_q, n = scores.shape
+        attended = torch.zeros(b * h_q, n, dtype=torch.bool, device=keys.device)
+        attended[rows, ids] = True
+        attended = attended.view(b, h_q, n)
+        real = torch.ones(b, n, dtype=torch.bool, device=keys.device) if key_mask is None else key_mask
+        above = (scores >= tau[..., None]) & real[:, None, :]
+        n_above = above.sum(-1)
+        retrieved_above = torch.where(n_above > 0, (above & attended).sum(-1) / n_above.clamp(min=1), 1.0)
+        state.last = {"q": q.detach(), "tau": tau, "attended": attended, "key_mask": real, "n_keys": n}
+        self.recall_log.append({
+            "layer": layer_idx,
+            "n_keys": n,
+            "mass_recall": softmax_mass_recall(scores, attended, scale, key_mask).mean().item(),
+            "kept_fraction": (attended.sum(-1) / real.sum(-1, keepdim=True)).float().mean().item(),
+            "threshold_recall": retrieved_above.float().mean().item(),
+        })
+
+
+register_graft(RangeSearchConfig, RangeSearchGraft)

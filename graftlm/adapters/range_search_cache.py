@@ -1,0 +1,125 @@
+"""The range-search graft's generation state: `RangeSearchCache`, a transformers ``DynamicCache`` whose
+grafted layers also hold a halfspace index over their keys (METHODS.md section 4).
+
+Per grafted layer the cache holds a `RangeSearchLayerState`:
+
+    index      RangeSearchIndex over the layer's keys [B, H_kv, N, D] (product-ball tree per kv head)
+    reservoir  KeyReservoir: a uniform sample of at most ``reservoir_size`` keys per (row, kv head),
+               for estimating tau (``threshold="reservoir"``); None in ``threshold="budget"`` mode
+    n_queries  decode steps answered through the index
+    last       the last step's (q [B, H_q, D], tau [B, H_q], attended [B, H_q, N] bool), kept only when
+               recall tracking is on (tests and the benchmark check retrieval against brute force)
+
+The index follows the cache lazily: `sync(keys)` is called by the attention function at each decode
+step with the layer's full key cache (after transformers appended the new key). The first call builds
+the index over everything prefill left (prefill itself stays dense and never touches the index); later
+calls append the keys that arrived since, which the index buffers and clusters every ``block_size``
+keys. Anything that rewrites the cache's past (beam reorder, batch selection, crop, reset) drops the
+layer states; the next decode step rebuilds them from the cache, so they can never go stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from graftlm.kernels.range_search import KeyReservoir, RangeSearchIndex
+
+
+class RangeSearchLayerState:
+    """The index (and optional key reservoir) of one grafted layer, kept in step with its key cache."""
+
+    def __init__(self, index_options: dict[str, Any], reservoir_size: int | None, seed: int = 0) -> None:
+        self.index_options = dict(index_options)
+        self.reservoir_size = reservoir_size
+        self.seed = seed
+        self.index: RangeSearchIndex | None = None
+        self.reservoir: KeyReservoir | None = None
+        self.n_queries = 0
+        self.n_builds = 0
+        self.last: dict[str, torch.Tensor] | None = None
+
+    def sync(self, keys: torch.Tensor) -> RangeSearchIndex:
+        """Bring the index up to the cache's keys [B, H_kv, N, D]: build, append the new ones, or rebuild
+        when the cache no longer extends what was indexed (fewer keys or another batch size)."""
+        n = keys.shape[2]
+        stale = self.index is not None and (self.index.n_keys > n or self.index.batch != keys.shape[0])
+        if self.index is None or stale:
+            self.index = RangeSearchIndex.build(keys.detach(), **self.index_options)
+            self.n_builds += 1
+            if self.reservoir_size:
+                self.reservoir = KeyReservoir(self.reservoir_size, seed=self.seed)
+                self.reservoir.add(keys.detach().float())
+        elif self.index.n_keys < n:
+            new = keys[:, :, self.index.n_keys:].detach()
+            self.index.append(new)
+            if self.reservoir is not None:
+                self.reservoir.add(new.float())
+        return self.index
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the index and the reservoir sample."""
+        total = self.index.memory_bytes() if self.index is not None else 0
+        if self.reservoir is not None and self.reservoir.sample is not None:
+            total += self.reservoir.sample.numel() * self.reservoir.sample.element_size()
+        return total
+
+
+class RangeSearchCache(DynamicCache):
+    """A ``DynamicCache`` whose grafted layers also keep a `RangeSearchLayerState` (``range_search[i]``).
+
+    The key/value layers are the base model's own (full or sliding, from its config); only full-attention
+    layers are ever grafted. Built by ``RangeSearchGraft.make_cache()`` and supplied to ``generate``.
+    """
+
+    def __init__(
+        self,
+        config,
+        grafted_layers: Iterable[int],
+        index_options: dict[str, Any] | None = None,
+        reservoir_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(config=config)
+        self._state_args = (dict(index_options or {}), reservoir_size, seed)
+        self.range_search: dict[int, RangeSearchLayerState] = {i: self._new_state() for i in grafted_layers}
+
+    def _new_state(self) -> RangeSearchLayerState:
+        index_options, reservoir_size, seed = self._state_args
+        return RangeSearchLayerState(index_options, reservoir_size, seed)
+
+    def _drop_indexes(self) -> None:
+        for layer_idx in self.range_search:
+            self.range_search[layer_idx] = self._new_state()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._drop_indexes()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._drop_indexes()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._drop_indexes()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._drop_indexes()
+
+    def reset(self) -> None:
+        super().reset()
+        self._drop_indexes()
+
+    def index_bytes(self) -> int:
+        """Bytes held by every grafted layer's index and reservoir."""
+        return sum(state.memory_bytes() for state in self.range_search.values())
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held by every layer."""
+        return sum(t.numel() * t.element_size() for layer in self.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
