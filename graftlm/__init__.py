@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from graftlm.adapters import (
     AdapterBaseMismatchError,
     AdapterTensorsError,
+    AttractorConfig,
     EchoConfig,
     Graft,
     GraftConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "EMBEDDED_CHECKPOINTS",
     "AdapterBaseMismatchError",
     "AdapterTensorsError",
+    "AttractorConfig",
     "EchoConfig",
     "Graft",
     "GraftConfig",

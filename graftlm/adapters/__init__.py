@@ -1,5 +1,6 @@
 """Grafts (one module each) and the shared attach/save/load machinery."""
 
+from graftlm.adapters.attractor import AttractorConfig
 from graftlm.adapters.config import GraftConfig, GraftConfigWarning
 from graftlm.adapters.echo import EchoConfig
 from graftlm.adapters.graft import Graft
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_ADAPTER_NAME",
     "AdapterBaseMismatchError",
     "AdapterTensorsError",
+    "AttractorConfig",
     "EchoConfig",
     "Graft",
     "GraftConfig",

@@ -1,0 +1,472 @@
+"""Attractor refinement: a weight-tied fixed-point head before the final norm (METHODS.md section 2;
+"Solve the Loop: Attractor Models for Language and Reasoning", arXiv 2605.12466).
+
+``c`` [B, T, d] is the backbone's last hidden state: the INPUT of ``patch.final_norm(model)``. A forward
+pre-hook on the final norm replaces it by the fixed point ``y*`` [B, T, d] of the head's map::
+
+    g(y; c) = c + sum_i (gamma_attn_i * Attn_i(norm(h_i)) + gamma_mlp_i * MLP_i(norm(h_i')))
+    h_0 = y + c,   h_i' = h_i + gamma_attn_i * Attn_i(...),   h_{i+1} = h_i' + gamma_mlp_i * MLP_i(...)
+
+over ``n_fp_blocks`` blocks i (the same weights at every solver iteration: weight-tied); for one block
+this is METHODS.md's ``c + gamma_attn * Attn(y + c) + gamma_mlp * MLP(...)``, each block residual. The
+gates are per channel, ``gamma = gamma_max * sigmoid(raw)`` [d]. ``norm`` is a learned RMSNorm (the
+backbone's hidden states have large, model-dependent scales). Attention is causal, without rotary
+positions (``c`` already carries position information), of width ``attn_heads * attn_head_dim``;
+the MLP has a ``mlp_hidden`` bottleneck (SiLU). Logits = frozen ``lm_head(final_norm(y*))``.
+
+Exact base reproduction at init: the output projections of every attention and MLP (``o_proj``,
+``down_proj``) start at exactly zero (the gates start open at ``gamma_init``), so ``g(y; c) = c`` for
+every y, ``y* = c`` and the logits are the base's bit for bit. Gradient descent opens the head: the
+gradient of the zero projections is non-zero (like LoRA's B). Without grad, a head whose output
+projections are all zero ("closed") skips the solve and returns ``c`` itself.
+
+Solve (``graftlm.kernels.fixed_point``): ``y* = g(y*; c)`` from ``y0 = c``; under grad (training, or
+LoRA on the backbone) with ``fixed_point_solve`` (implicit-function-theorem gradients, constant memory in
+the number of iterations, adjoint mode ``backward``), otherwise ``solve`` under ``torch.no_grad``.
+``last_solve_info`` holds the last call's per-sequence iterations, residual, converged and fallback
+flags. The solver's fallback keeps the iterates finite, so the logits are never NaN from the head.
+The optional Jacobian regulariser ``||J^T v||^2`` enters through ``training_loss`` when
+``jacobian_weight > 0``.
+
+Generation: the head keeps its own KV cache on the transformers ``Cache`` passed as
+``past_key_values`` (attribute ``graftlm_attractor``: per block the keys/values [B, H, T_past, hd] of
+the earlier positions' converged ``h_i``). For a new chunk, the earlier positions are fixed at their
+fixed point; the chunk's queries attend to those cached keys/values and to the chunk's own iterates.
+Because attention is causal, the joint fixed point of a full forward restricted to a prefix is the
+prefix's fixed point, so prefill + token-by-token decode equals one full forward (up to the solver
+tolerance). Per-call iteration counts are appended to the cache (``cache_iterations``); in decode one
+call is one token. Beam search (cache reordering) is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.adapters.config import GraftConfig
+from graftlm.adapters.graft import Graft
+from graftlm.adapters.lora import DEFAULT_TARGET_MODULES, PeftLoRA
+from graftlm.adapters.registry import register_graft
+from graftlm.kernels.fixed_point import FixedPointConfig, fixed_point_solve, solve
+
+CACHE_ATTRIBUTE = "graftlm_attractor"
+
+
+@dataclass
+class AttractorConfig(GraftConfig):
+    """Attractor refinement: a fixed-point head between the last hidden state and the final norm
+    (METHODS.md section 2)."""
+
+    graft_type = "attractor"
+
+    n_fp_blocks: int = field(default=1, metadata={"help": "Blocks (attention + MLP) in the head's map g."})
+    attn_heads: int = field(default=4, metadata={"help": "Attention heads of each head block."})
+    attn_head_dim: int = field(default=32, metadata={"help": "Width of each attention head."})
+    mlp_hidden: int = field(default=256, metadata={"help": "MLP bottleneck width of each head block."})
+    gamma_max: float = field(
+        default=1.0, metadata={"help": "Upper bound of the gates gamma_max * sigmoid(raw)."}
+    )
+    gamma_init: float = field(
+        default=0.1,
+        metadata={
+            "help": "Initial gate value (in (0, gamma_max)); the zero output projections "
+            "keep the fresh head exact."
+        },
+    )
+    init_std: float = field(default=0.02, metadata={"help": "Std of the head's input projections at init."})
+    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the head's RMSNorms."})
+    # -- solver (mirrors graftlm.kernels.fixed_point.FixedPointConfig) --
+    solver: Literal["anderson", "picard"] = field(default="anderson", metadata={"help": "Forward solver."})
+    m: int = field(default=5, metadata={"help": "Anderson memory."})
+    beta: float = field(default=1.0, metadata={"help": "Anderson mixing."})
+    lam: float = field(default=1e-4, metadata={"help": "Anderson least-squares ridge (relative)."})
+    tol: float = field(default=1.5e-4, metadata={"help": "Relative-residual tolerance of the forward solve."})
+    min_iter: int = field(default=6, metadata={"help": "Fewest solver updates."})
+    max_iter: int = field(default=32, metadata={"help": "Most solver updates."})
+    backward: Literal["one_step", "picard", "anderson"] = field(
+        default="anderson", metadata={"help": "Adjoint mode of the implicit gradient."}
+    )
+    adjoint_max_iter: int = field(default=32, metadata={"help": "Most updates of the adjoint solve."})
+    adjoint_tol: float = field(default=1e-5, metadata={"help": "Tolerance of the adjoint solve."})
+    adjoint_clip: float | None = field(
+        default=None, metadata={"help": "Clip each sequence's adjoint to ||u|| <= clip * ||v|| (None: off)."}
+    )
+    jacobian_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the Jacobian regulariser (0: off; METHODS.md uses 1e-3)."}
+    )
+    jacobian_samples: int = field(
+        default=1, metadata={"help": "Hutchinson samples when the regulariser is on."}
+    )
+    # -- optional LoRA on the backbone (equilibrium internalisation) --
+    lora_r: int = field(
+        default=0, metadata={"help": "Rank of an optional peft LoRA on the backbone (0: off)."}
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES), metadata={"help": "Modules LoRA adapts."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 < self.gamma_init < self.gamma_max:
+            raise ValueError(f"gamma_init {self.gamma_init} must lie in (0, gamma_max={self.gamma_max})")
+        if self.n_fp_blocks < 1:
+            raise ValueError("n_fp_blocks must be >= 1")
+        self.solver_config(0)  # validates the solver fields
+
+    def solver_config(self, jacobian_samples: int = 0) -> FixedPointConfig:
+        return FixedPointConfig(
+            solver=self.solver,
+            m=self.m,
+            beta=self.beta,
+            lam=self.lam,
+            tol=self.tol,
+            min_iter=self.min_iter,
+            max_iter=self.max_iter,
+            backward=self.backward,
+            adjoint_max_iter=self.adjoint_max_iter,
+            adjoint_tol=self.adjoint_tol,
+            adjoint_clip=self.adjoint_clip,
+            jacobian_samples=jacobian_samples,
+        )
+
+
+# -- the head ------------------------------------------------------------------------------------------
+class _RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class AttractorBlock(nn.Module):
+    """One block of g: causal attention and MLP with per-channel gates (METHODS.md section 2)."""
+
+    def __init__(self, d: int, config: AttractorConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.attn_heads, config.attn_head_dim
+        width = self.heads * self.head_dim
+        self.attn_norm = _RMSNorm(d, config.norm_eps)
+        self.qkv_proj = nn.Linear(d, 3 * width, bias=False)
+        self.o_proj = nn.Linear(width, d, bias=False)
+        self.mlp_norm = _RMSNorm(d, config.norm_eps)
+        self.up_proj = nn.Linear(d, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, d, bias=False)
+        raw = math.log(config.gamma_init / (config.gamma_max - config.gamma_init))
+        self.gate_attn_raw = nn.Parameter(torch.full((d,), raw))
+        self.gate_mlp_raw = nn.Parameter(torch.full((d,), raw))
+        self.gamma_max = config.gamma_max
+        nn.init.normal_(self.qkv_proj.weight, std=config.init_std)
+        nn.init.normal_(self.up_proj.weight, std=config.init_std)
+        nn.init.zeros_(self.o_proj.weight)  # exact base reproduction at init
+        nn.init.zeros_(self.down_proj.weight)
+
+    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """gamma_attn, gamma_mlp [d] = gamma_max * sigmoid(raw)."""
+        return self.gamma_max * torch.sigmoid(self.gate_attn_raw), self.gamma_max * torch.sigmoid(
+            self.gate_mlp_raw
+        )
+
+    def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [B, T, d] -> q, k, v [B, H, T, hd]."""
+        b, t, _ = h.shape
+        qkv = self.qkv_proj(self.attn_norm(h)).view(b, t, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
+        """h [B, T, d], mask [B, 1, T, T_past + T] (True = attend), past (K, V) [B, H, T_past, hd].
+        Returns (update [B, T, d] this block adds, h after the block, (k, v) of this chunk)."""
+        gamma_attn, gamma_mlp = self.gates()
+        q, k, v = self.keys_values(h)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        attn = attn.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
+        delta_attn = gamma_attn * self.o_proj(attn)
+        h = h + delta_attn
+        delta_mlp = gamma_mlp * self.down_proj(F.silu(self.up_proj(self.mlp_norm(h))))
+        return delta_attn + delta_mlp, h + delta_mlp, (k, v)
+
+    def closed(self) -> bool:
+        return bool((self.o_proj.weight == 0).all()) and bool((self.down_proj.weight == 0).all())
+
+
+class AttractorHead(nn.Module):
+    """The map g(y; c) of METHODS.md section 2 over ``n_fp_blocks`` blocks; y, c [B, T, d]."""
+
+    def __init__(self, d: int, config: AttractorConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(AttractorBlock(d, config) for _ in range(config.n_fp_blocks))
+
+    def forward(
+        self,
+        y: torch.Tensor,
+        c: torch.Tensor,
+        mask: torch.Tensor,
+        past: list | None = None,
+        record: list | None = None,
+    ) -> torch.Tensor:
+        """g(y; c) [B, T, d]. ``past``: per block (K, V) of earlier positions; ``record``: a list that
+        receives each block's (k, v) of this chunk."""
+        h = y + c
+        update = torch.zeros_like(c)
+        for i, block in enumerate(self.blocks):
+            delta, h, kv = block(h, mask, None if past is None else past[i])
+            update = update + delta
+            if record is not None:
+                record.append(kv)
+        return c + update
+
+    def closed(self) -> bool:
+        """True when every output projection is exactly zero: then g(y; c) = c for all y."""
+        return all(block.closed() for block in self.blocks)
+
+
+def attention_mask(
+    batch: int, length: int, past: int, key_valid: torch.Tensor | None, device
+) -> torch.Tensor:
+    """[B, 1, T, T_past + T] bool: causal over the chunk placed after T_past cached positions, keys at
+    padding (``key_valid`` [B, T_past + T] False) excluded, each position always sees itself."""
+    query = torch.arange(length, device=device)[:, None] + past
+    key = torch.arange(past + length, device=device)[None, :]
+    mask = (key <= query)[None].expand(batch, -1, -1)
+    if key_valid is not None:
+        mask = mask & (key_valid[:, None, :].bool() | (key == query)[None])
+    return mask[:, None]
+
+
+class _Run:
+    """What the top-level forward tells the final-norm hook: padding mask, cache, its past length."""
+
+    def __init__(
+        self, attention_mask: torch.Tensor | None, cache: Any, past_length: int, use_cache: bool = False
+    ):
+        self.attention_mask = attention_mask
+        self.use_cache = use_cache  # a cache created inside the forward is picked up from the output
+        self.cache = cache
+        self.past_length = past_length
+        self.state: dict[str, Any] | None = None  # the head's cache after this call
+
+
+class AttractorGraft(Graft):
+    """The fixed-point head ``head`` (and an optional backbone LoRA), hooked on the final norm's input.
+
+    ``last_solve_info`` (after each forward): per sequence [B] ``iterations``, ``residual`` (relative, of
+    the returned iterate), ``converged``, ``fallback``; and ``tokens`` (T of the chunk). One attractor
+    graft per model: a second would share the cache attribute.
+    """
+
+    def __init__(self, config: AttractorConfig, base_model: nn.Module, patch):
+        super().__init__(config, base_model, patch)
+        self.head = AttractorHead(base_model.config.hidden_size, config)
+        self.lora: PeftLoRA | None = None
+        self.last_solve_info: dict[str, torch.Tensor] | None = None
+        self.last_jacobian_loss: torch.Tensor | None = None
+        self._run: _Run | None = None
+
+    # -- parameters ------------------------------------------------------------------------------------
+    def external_parameters(self) -> list[nn.Parameter]:
+        return self.lora.parameters() if self.lora else []
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        if self.lora:
+            state.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("lora.")}, strict=True)
+        if self.lora:
+            self.lora.load_state_dict(
+                {k[len("lora.") :]: v for k, v in state.items() if k.startswith("lora.")}
+            )
+
+    @property
+    def active(self) -> bool:
+        return getattr(self, "_active", True)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
+        if getattr(self, "lora", None) is not None:
+            self.lora.set_active(value)
+
+    # -- install ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        model = self.base_model
+        if self.config.lora_r > 0:
+            self.lora = PeftLoRA(
+                model,
+                f"attractor_{id(self):x}",
+                self.config.lora_r,
+                self.config.lora_alpha,
+                0.0,
+                self.config.lora_target_modules,
+            )
+            self.on_remove(self.lora.remove)
+        self.add_hook(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self.add_hook(model.register_forward_hook(self._after_model, with_kwargs=True))
+        self.add_hook(
+            self.patch.final_norm(model).register_forward_pre_hook(self._refine_hook, with_kwargs=True)
+        )
+
+    def _before_model(self, module, args, kwargs):
+        if not self.active:
+            return
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        self._run = _Run(mask, cache, past, bool(kwargs.get("use_cache")))
+
+    def _after_model(self, module, args, kwargs, output):
+        run, self._run = self._run, None
+        if run is None or run.state is None:
+            return
+        cache = run.cache if run.cache is not None else getattr(output, "past_key_values", None)
+        if cache is not None:
+            setattr(cache, CACHE_ATTRIBUTE, run.state)
+
+    def _refine_hook(self, module, args, kwargs):
+        if not self.active:
+            return None
+        if args:
+            return (self.refine(args[0]),) + args[1:], kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: self.refine(kwargs[key])}
+
+    # -- the solve ---------------------------------------------------------------------------------------
+    def refine(self, c: torch.Tensor) -> torch.Tensor:
+        """c [B, T, d] -> y* [B, T, d] (METHODS.md section 2), in c's dtype."""
+        run = self._run or _Run(None, None, 0)
+        batch, length, _ = c.shape
+        state = getattr(run.cache, CACHE_ATTRIBUTE, None) if run.cache is not None else None
+        if state is not None and state["length"] != run.past_length:
+            raise RuntimeError(
+                f"attractor cache holds {state['length']} positions, the backbone cache {run.past_length}"
+            )
+        if state is None and run.past_length > 0:
+            raise RuntimeError(
+                "the generation cache has positions but no attractor state (built without the graft?)"
+            )
+        past_kv = state["kv"] if state is not None else None
+        need_grad = torch.is_grad_enabled() and (
+            c.requires_grad or any(p.requires_grad for p in self.head.parameters())
+        )
+        dtype = self.head.blocks[0].qkv_proj.weight.dtype
+        c_head = c.to(dtype)
+        key_valid = None
+        if run.attention_mask is not None:
+            key_valid = run.attention_mask[:, -(run.past_length + length) :].to(c.device)
+        mask = attention_mask(batch, length, run.past_length, key_valid, c.device)
+
+        def g(y: torch.Tensor) -> torch.Tensor:
+            return self.head(y, c_head, mask, past_kv)
+
+        y_star, info = self._solve(g, c_head, need_grad)
+        info["tokens"] = length
+        self.last_solve_info = info
+        if run.cache is not None or run.use_cache:
+            run.state = self._next_state(state, y_star, c_head, mask, past_kv, info, length)
+        return y_star.to(c.dtype) if y_star.dtype != c.dtype else y_star
+
+    def _solve(self, g, c: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """y* = g(y*) from y0 = c [B, T, d]: implicit gradients under grad, a no-grad solve otherwise."""
+        if not need_grad and self.head.closed():  # g(y; c) = c: y* = c, nothing to solve
+            batch, device = c.shape[0], c.device
+            return c, {
+                "iterations": torch.zeros(batch, dtype=torch.long, device=device),
+                "residual": torch.zeros(batch, device=device),
+                "converged": torch.ones(batch, dtype=torch.bool, device=device),
+                "fallback": torch.zeros(batch, dtype=torch.bool, device=device),
+            }
+        config = self.config
+        if need_grad:
+            solver_config = config.solver_config(config.jacobian_samples if config.jacobian_weight > 0 else 0)
+            if self.head.closed():  # stop at y0 = c exactly; the gradient still reaches the zero projections
+                solver_config.min_iter = 0
+            y_star, fp_info = fixed_point_solve(g, c, solver_config)
+            self.last_jacobian_loss = fp_info.jacobian_loss
+            return y_star, _report(fp_info.forward)
+        with torch.no_grad():
+            y_star, solve_info = solve(
+                g, c, config.solver, tol=config.tol, min_iter=config.min_iter, max_iter=config.max_iter,
+                m=config.m, beta=config.beta, lam=config.lam,
+            )  # fmt: skip
+        return y_star, _report(solve_info)
+
+    @torch.no_grad()
+    def _next_state(self, state, y_star, c, mask, past_kv, info, length) -> dict[str, Any]:
+        """The head's cache after this chunk: per block (K, V) at the converged y*, appended."""
+        record: list = []
+        self.head(y_star.detach(), c.detach(), mask, past_kv, record=record)
+        if past_kv is not None:
+            record = [
+                (torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past_kv, record)
+            ]
+        iterations = ([] if state is None else list(state["iterations"])) + [
+            info["iterations"].detach().cpu()
+        ]
+        previous = 0 if state is None else state["length"]
+        return {"kv": record, "length": previous + length, "iterations": iterations}
+
+    @contextmanager
+    def iteration_budget(self, max_iter: int, min_iter: int = 0):
+        """Temporarily solve with at most ``max_iter`` updates (METHODS.md section 2, internalisation
+        measurements). ``max_iter=0`` returns y0 = c and ``last_solve_info["residual"]`` is then the
+        first-guess residual ||g(c) - c|| / ||c||; with 1 the better of y0 and g(y0) is returned."""
+        saved = (self.config.max_iter, self.config.min_iter)
+        self.config.max_iter, self.config.min_iter = max_iter, min(min_iter, max_iter)
+        try:
+            yield self
+        finally:
+            self.config.max_iter, self.config.min_iter = saved
+
+    # -- reporting --------------------------------------------------------------------------------------
+    @staticmethod
+    def cache_iterations(cache) -> list[torch.Tensor]:
+        """Per forward call on this cache (prefill, then one per decoded token): iterations [B]."""
+        state = getattr(cache, CACHE_ATTRIBUTE, None)
+        return [] if state is None else list(state["iterations"])
+
+    # -- training ---------------------------------------------------------------------------------------
+    def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """LM loss + ``jacobian_weight`` x the Jacobian regulariser of the solve (METHODS.md section 2);
+        None (plain LM loss) when the weight is 0."""
+        weight = self.config.jacobian_weight
+        if weight == 0.0:
+            return None
+        if "labels" not in batch:
+            batch = {**batch, "labels": batch["input_ids"]}
+        self.last_jacobian_loss = None
+        lm_loss = model(**batch).loss
+        jacobian = self.last_jacobian_loss
+        if jacobian is None:
+            return {"loss": lm_loss, "lm_loss": lm_loss.detach()}
+        info = self.last_solve_info
+        return {
+            "loss": lm_loss + weight * jacobian,
+            "lm_loss": lm_loss.detach(),
+            "jacobian_loss": jacobian.detach(),
+            "solve_iterations": info["iterations"].float().mean(),
+        }
+
+
+def _report(info) -> dict[str, torch.Tensor]:
+    return {
+        "iterations": info.iterations,
+        "residual": info.residual,
+        "converged": info.converged,
+        "fallback": info.fallback,
+    }
+
+
+register_graft(AttractorConfig, AttractorGraft)
