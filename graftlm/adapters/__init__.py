@@ -8,13 +8,13 @@ from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, N
 from graftlm.adapters.lora import LoRAConfig
 from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, GraftModel, attach_adapter, trainable_state_dict
 from graftlm.adapters.range_search import RangeSearchConfig
-from graftlm.adapters.sst import SSTConfig
 from graftlm.adapters.registry import (
     UnknownGraftTypeError,
     get_graft_type,
     register_graft,
     registered_graft_types,
 )
+from graftlm.adapters.sst import SSTConfig
 
 __all__ = [
     "DEFAULT_ADAPTER_NAME",

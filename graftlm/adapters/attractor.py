@@ -51,7 +51,7 @@ from torch import nn
 
 from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
-from graftlm.adapters.lora import DEFAULT_TARGET_MODULES, PeftLoRA
+from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
 from graftlm.kernels.fixed_point import FixedPointConfig, fixed_point_solve, solve
 
@@ -267,51 +267,15 @@ class AttractorGraft(Graft):
     def __init__(self, config: AttractorConfig, base_model: nn.Module, patch):
         super().__init__(config, base_model, patch)
         self.head = AttractorHead(base_model.config.hidden_size, config)
-        self.lora: PeftLoRA | None = None
         self.last_solve_info: dict[str, torch.Tensor] | None = None
         self.last_jacobian_loss: torch.Tensor | None = None
         self._run: _Run | None = None
-
-    # -- parameters ------------------------------------------------------------------------------------
-    def external_parameters(self) -> list[nn.Parameter]:
-        return self.lora.parameters() if self.lora else []
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {k: v.detach() for k, v in self.state_dict().items()}
-        if self.lora:
-            state.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
-        return state
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("lora.")}, strict=True)
-        if self.lora:
-            self.lora.load_state_dict(
-                {k[len("lora.") :]: v for k, v in state.items() if k.startswith("lora.")}
-            )
-
-    @property
-    def active(self) -> bool:
-        return getattr(self, "_active", True)
-
-    @active.setter
-    def active(self, value: bool) -> None:
-        self._active = value
-        if getattr(self, "lora", None) is not None:
-            self.lora.set_active(value)
 
     # -- install ---------------------------------------------------------------------------------------
     def install(self) -> None:
         model = self.base_model
         if self.config.lora_r > 0:
-            self.lora = PeftLoRA(
-                model,
-                f"attractor_{id(self):x}",
-                self.config.lora_r,
-                self.config.lora_alpha,
-                0.0,
-                self.config.lora_target_modules,
-            )
-            self.on_remove(self.lora.remove)
+            self.attach_lora(self.config.lora_r, self.config.lora_alpha, self.config.lora_target_modules)
         self.add_hook(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self.add_hook(model.register_forward_hook(self._after_model, with_kwargs=True))
         self.add_hook(

@@ -43,6 +43,7 @@ class Graft(nn.Module):
         self.patch = patch
         object.__setattr__(self, "_base_model", base_model)
         self.layer_indices = config.resolve_layers(base_model.config.num_hidden_layers)
+        self.lora = None  # a PeftLoRA inside the base, when the graft trains LoRA too (`attach_lora`)
         self.active = True
         self._handles: list[RemovableHandle] = []
         self._undo: list[Callable[[], None]] = []
@@ -51,8 +52,28 @@ class Graft(nn.Module):
     def base_model(self) -> nn.Module:
         return self._base_model
 
+    @property
+    def active(self) -> bool:
+        return getattr(self, "_active", True)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
+        if getattr(self, "lora", None) is not None:
+            self.lora.set_active(value)
+
     def install(self) -> None:  # pragma: no cover - every graft implements it
         raise NotImplementedError
+
+    def attach_lora(self, r: int, alpha: float, target_modules: list[str], dropout: float = 0.0,
+                    layers: list[int] | None = None) -> None:
+        """Put peft LoRA on the base's ``target_modules`` as part of this graft (saved with prefix ``lora.``,
+        toggled with ``active``, removed with the graft)."""
+        from graftlm.adapters.lora import PeftLoRA
+
+        self.lora = PeftLoRA(self.base_model, f"{self.config.graft_type}_{id(self):x}", r, alpha, dropout,
+                             target_modules, layers)
+        self.on_remove(self.lora.remove)
 
     def add_hook(self, handle: RemovableHandle) -> RemovableHandle:
         self._handles.append(handle)
@@ -71,20 +92,26 @@ class Graft(nn.Module):
         self._undo.clear()
 
     def external_parameters(self) -> list[nn.Parameter]:
-        """Graft parameters that live inside the base model (e.g. peft LoRA layers); none by default."""
-        return []
+        """Graft parameters that live inside the base model: the peft LoRA layers of `attach_lora`."""
+        return self.lora.parameters() if self.lora is not None else []
 
     def all_parameters(self) -> list[nn.Parameter]:
         """This graft's parameters: its own and those it placed inside the base model."""
         return list(self.parameters()) + self.external_parameters()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors saved in ``adapter_model.safetensors`` (default: this module's state dict)."""
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        """The tensors saved in ``adapter_model.safetensors``: this module's state dict, and the LoRA
+        tensors of `attach_lora` under ``lora.<module path>``."""
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        if self.lora is not None:
+            state.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
+        return state
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load saved tensors; missing or unexpected names raise (see `graftlm.adapters.io`)."""
-        self.load_state_dict(state, strict=True)
+        """Load saved tensors (names already checked against `adapter_state_dict` by the loader)."""
+        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("lora.")}, strict=True)
+        if self.lora is not None:
+            self.lora.load_state_dict({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")})
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Adjust ``generate`` keyword arguments before generation (e.g. supply a graft-aware ``Cache``

@@ -105,36 +105,10 @@ class LoRAConfig(GraftConfig):
 class LoRAGraft(Graft):
     """A graft whose only parameters are peft LoRA matrices inside the base model."""
 
-    def __init__(self, config: LoRAConfig, base_model: nn.Module, patch):
-        super().__init__(config, base_model, patch)
-        self.lora: PeftLoRA | None = None
-
     def install(self) -> None:
         config = self.config
         layers = None if config.target_layers is None else self.layer_indices
-        self.lora = PeftLoRA(
-            self.base_model, f"lora_{id(self)}", config.r, config.alpha, config.dropout, config.target_modules, layers
-        )
-        self.on_remove(self.lora.remove)
-
-    @property
-    def active(self) -> bool:
-        return getattr(self, "_active", True)
-
-    @active.setter
-    def active(self, value: bool) -> None:
-        self._active = value
-        if getattr(self, "lora", None) is not None:
-            self.lora.set_active(value)
-
-    def external_parameters(self) -> list[nn.Parameter]:
-        return self.lora.parameters() if self.lora else []
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.lora.state_dict()
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.lora.load_state_dict(state)
+        self.attach_lora(config.r, config.alpha, config.target_modules, config.dropout, layers)
 
 
 register_graft(LoRAConfig, LoRAGraft)

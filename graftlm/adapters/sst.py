@@ -43,7 +43,7 @@ from torch import nn
 
 from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
-from graftlm.adapters.lora import DEFAULT_TARGET_MODULES, PeftLoRA
+from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
 
 CACHE_ATTRIBUTE = "graftlm_sst"
@@ -108,7 +108,6 @@ class SSTGraft(Graft):
         self.register_buffer("probe_weight", torch.zeros(config.max_deliberation, d))
         self.register_buffer("probe_bias", torch.zeros(config.max_deliberation))
         self.row_of = {layer: row for row, layer in enumerate(self.layer_indices)}
-        self.lora: PeftLoRA | None = None
         self._run: _Run | None = None
         self._internal = False
         self._in_branch = False
@@ -132,38 +131,11 @@ class SSTGraft(Graft):
         if gate is not None:
             self.gate.fill_(gate)
 
-    def external_parameters(self) -> list[nn.Parameter]:
-        return self.lora.parameters() if self.lora else []
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {k: v.detach() for k, v in self.state_dict().items()}
-        if self.lora:
-            state.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
-        return state
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = {k: v for k, v in state.items() if not k.startswith("lora.")}
-        self.load_state_dict(own, strict=True)
-        if self.lora:
-            self.lora.load_state_dict({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")})
-
-    @property
-    def active(self) -> bool:
-        return getattr(self, "_active", True)
-
-    @active.setter
-    def active(self, value: bool) -> None:
-        self._active = value
-        if getattr(self, "lora", None) is not None:
-            self.lora.set_active(value)
-
     # -- install ---------------------------------------------------------------------------------
     def install(self) -> None:
         model = self.base_model
         if self.config.lora_r > 0:
-            self.lora = PeftLoRA(model, f"sst_{id(self):x}", self.config.lora_r, self.config.lora_alpha, 0.0,
-                                 self.config.lora_target_modules)
-            self.on_remove(self.lora.remove)
+            self.attach_lora(self.config.lora_r, self.config.lora_alpha, self.config.lora_target_modules)
         self.add_hook(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self.add_hook(model.register_forward_hook(self._after_model, with_kwargs=True))
         layers = self.patch.decoder_layers(model)
