@@ -9,6 +9,7 @@ pay for computing every score).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 
@@ -26,7 +27,7 @@ def _decode_seconds_per_token(model, input_ids, new_tokens: int) -> tuple[float,
 
     out = model.generate(input_ids=input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]))
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
     return statistics.median(steps), out[0, input_ids.shape[1]:].tolist()
 
 
@@ -42,7 +43,7 @@ def compare_range_search(base_model, tokenizer, context_tokens: int = 2048, new_
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :context_tokens]
     dense_s, dense_ids = _decode_seconds_per_token(base_model, ids, new_tokens)
 
-    config = dict(budget=budget, threshold="reservoir", window=64, n_sink=4, min_keys=0)
+    config = {"budget": budget, "threshold": "reservoir", "window": 64, "n_sink": 4, "min_keys": 0}
     tracked = attach_adapter(base_model, RangeSearchConfig(track_recall=True, **config), adapter_name="range")
     tracked.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     log = tracked.grafts["range"].recall_log
@@ -56,8 +57,8 @@ def compare_range_search(base_model, tokenizer, context_tokens: int = 2048, new_
     agree = sum(a == b for a, b in zip(dense_ids, range_ids)) / len(dense_ids)
     label = f"range search, {ids.shape[1]} tokens, budget {budget}"
     return [
-        (f"{label}: ms/token dense vs range", f"{1000 * dense_s:.1f} vs {1000 * range_s:.1f} "
-                                              f"(x{dense_s / range_s:.2f})"),
+        (f"{label}: ms/token dense vs range",
+         f"{1000 * dense_s:.1f} vs {1000 * range_s:.1f} (x{dense_s / range_s:.2f})"),
         (f"{label}: softmax mass kept", f"{mass:.3f} (keys attended {kept:.3f})"),
         (f"{label}: tokens equal to dense", f"{agree:.2f}"),
     ]
