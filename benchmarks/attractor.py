@@ -27,6 +27,7 @@ import torch
 from graftlm import AttractorConfig, attach_adapter
 from graftlm.adapters.attractor import AttractorGraft, attention_mask
 from graftlm.kernels.fixed_point import unrolled_picard
+from graftlm.kernels.fixed_point.memory import autograd_saved_bytes
 
 TRAIN_ITERS = (1, 8, 32)
 
@@ -66,19 +67,6 @@ def best_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def saved_mib(fn) -> float:
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()) / 2**20
 
 
 def inference(model, graft, ids, repeats):
@@ -124,7 +112,7 @@ def training(model, graft, ids, repeats):
                 forward().backward()
 
             try:
-                mib = saved_mib(forward)
+                mib = autograd_saved_bytes(forward) / 2**20
                 seconds = best_time(step, repeats)
             finally:
                 graft.__dict__.pop("refine", None)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftlm.kernels.fixed_point import FixedPointConfig, fixed_point_solve, solve, unrolled_picard
+from graftlm.kernels.fixed_point.memory import autograd_saved_bytes
 
 TRAIN_ITERS = (1, 8, 32)
 
@@ -66,20 +67,6 @@ def best_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward while fn runs."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def picard_rate(trace: torch.Tensor, iterations: torch.Tensor, tail: int = 5) -> float:
@@ -167,7 +154,7 @@ def main():
             row = {
                 "method": f"implicit ({backward})" if backward else "unrolled backprop",
                 "iterations": n,
-                "saved_mib": saved_bytes(step) / 2**20,
+                "saved_mib": autograd_saved_bytes(step) / 2**20,
                 "step_ms": 1e3 * best_time(step, args.repeats),
             }
             if backward not in (None, "one_step"):

@@ -12,6 +12,7 @@ from graftlm.kernels.fixed_point import (
     solve,
     unrolled_picard,
 )
+from graftlm.kernels.fixed_point.memory import autograd_saved_bytes
 
 B, T, D = 3, 5, 7  # odd shapes: batch (sequences), positions, channels
 
@@ -244,20 +245,6 @@ def test_backward_reaches_parameters_and_inputs_and_reports_adjoint():
     assert not y_eval.requires_grad and torch.equal(y_eval, y.detach())
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd saves for backward while fn runs."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("solver", ["picard", "anderson"])
 def test_training_memory_does_not_grow_with_iterations(solver):
     head, c = block_problem()
@@ -268,9 +255,9 @@ def test_training_memory_does_not_grow_with_iterations(solver):
         assert info.forward.evaluations == n + 1
         (y.sum() + info.jacobian_loss).backward()
 
-    assert saved_bytes(lambda: implicit(1)) == saved_bytes(lambda: implicit(32)) > 0
+    assert autograd_saved_bytes(lambda: implicit(1)) == autograd_saved_bytes(lambda: implicit(32)) > 0
     unrolled = [
-        saved_bytes(lambda n=n: unrolled_picard(lambda y: head(y, c), c, n).sum().backward()) for n in (1, 4)
+        autograd_saved_bytes(lambda n=n: unrolled_picard(lambda y: head(y, c), c, n).sum().backward()) for n in (1, 4)
     ]
     assert unrolled[1] > 3 * unrolled[0]  # sanity: the counter does see growth
 
