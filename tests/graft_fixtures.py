@@ -126,3 +126,10 @@ def build_char_tokenizer():
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def graft_gradients(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Fresh gradients of every trainable graft parameter for the LM loss of ``ids`` (the model's own mode)."""
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return [p.grad.clone() for p in model.graft_parameters()]

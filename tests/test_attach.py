@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from graft_fixtures import AttnBiasConfig, FFNBiasConfig, build_tiny_model
+from graft_fixtures import AttnBiasConfig, FFNBiasConfig, build_tiny_model, graft_gradients
 
 import graftlm
 from graftlm.adapters import (
@@ -149,15 +149,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     perturb(model)
     model.train()
 
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(input_ids=IDS, labels=IDS).loss.backward()
-        return [p.grad.clone() for p in model.graft_parameters()]
-
-    plain = grads()
+    plain = graft_gradients(model, IDS)
     model.gradient_checkpointing_enable()
     assert model.base_model.is_activation_checkpointing
-    checkpointed = grads()
+    checkpointed = graft_gradients(model, IDS)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from graft_fixtures import build_tiny_model
+from graft_fixtures import build_tiny_model, graft_gradients
 from test_attach import all_hooks, logits
 
 from graftlm import SSTConfig, attach_adapter
@@ -170,14 +170,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     model = sst_model(tiny_model, a=0.05, gate=0.5)
     model.train()
 
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(input_ids=IDS, labels=IDS).loss.backward()
-        return [p.grad.clone() for p in model.graft_parameters()]
-
-    plain = grads()
+    plain = graft_gradients(model, IDS)
     model.gradient_checkpointing_enable()
-    checkpointed = grads()
+    checkpointed = graft_gradients(model, IDS)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 

@@ -40,6 +40,7 @@ call is one token. Beam search (cache reordering) is not supported.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,20 +121,9 @@ class AttractorConfig(GraftConfig):
         self.solver_config(0)  # validates the solver fields
 
     def solver_config(self, jacobian_samples: int = 0) -> FixedPointConfig:
-        return FixedPointConfig(
-            solver=self.solver,
-            m=self.m,
-            beta=self.beta,
-            lam=self.lam,
-            tol=self.tol,
-            min_iter=self.min_iter,
-            max_iter=self.max_iter,
-            backward=self.backward,
-            adjoint_max_iter=self.adjoint_max_iter,
-            adjoint_tol=self.adjoint_tol,
-            adjoint_clip=self.adjoint_clip,
-            jacobian_samples=jacobian_samples,
-        )
+        """The solver settings: this config's fields of the same names as `FixedPointConfig`'s."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(FixedPointConfig) if hasattr(self, f.name)}
+        return FixedPointConfig(**{**shared, "jacobian_samples": jacobian_samples})
 
 
 # -- the head ------------------------------------------------------------------------------------------
