@@ -28,6 +28,7 @@ from graftlm import AttractorConfig, attach_adapter
 from graftlm.adapters.attractor import AttractorGraft, attention_mask
 from graftlm.kernels.fixed_point import unrolled_picard
 from graftlm.kernels.fixed_point.memory import autograd_saved_bytes
+from graftlm.patches.cache_kwarg import cache_from_output
 
 TRAIN_ITERS = (1, 8, 32)
 
@@ -128,7 +129,7 @@ def decode(model, ids, new_tokens):
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
         pad_token_id=0, return_dict_in_generate=True,
     )  # fmt: skip
-    per_call = AttractorGraft.cache_iterations(out.past_key_values)
+    per_call = AttractorGraft.cache_iterations(cache_from_output(out))
     per_token = [int(n[0]) for n in per_call[1:]]
     return {"prefill_iterations": int(per_call[0][0]), "per_token_iterations": per_token}
 

@@ -22,6 +22,7 @@ import torch
 
 from graftlm.adapters import attach_adapter
 from graftlm.adapters.echo import EchoConfig
+from graftlm.patches.cache_kwarg import with_cache
 
 
 def tiny_model() -> torch.nn.Module:
@@ -71,13 +72,13 @@ def decode_run(model, cache, context: int, steps: int, vocab: int) -> tuple[floa
     generator = torch.Generator().manual_seed(context)
     prompt = torch.randint(3, vocab, (1, context), generator=generator)
     started = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt, **with_cache({}, cache), use_cache=True)
     prefill = time.perf_counter() - started
     token = out.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps + 2):  # the first two are warm-up
         started = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **with_cache({}, cache), use_cache=True)
         times.append(time.perf_counter() - started)
         token = out.logits[:, -1:].argmax(-1)
     return prefill, statistics.median(times[2:])

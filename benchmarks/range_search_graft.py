@@ -35,6 +35,7 @@ import graftlm
 from graftlm.adapters import RangeSearchConfig, attach_adapter
 from graftlm.eval import evaluate
 from graftlm.eval.runner import build_task
+from graftlm.patches.cache_kwarg import with_cache
 
 
 def graft_config(args, budget: float, track_recall: bool) -> RangeSearchConfig:
@@ -62,15 +63,15 @@ def decode_timing(model, ids: torch.Tensor, steps: int) -> dict:
         start = time.perf_counter()
         if kind == "dense":
             with model.disable_adapter():
-                logits = model(input_ids=token, past_key_values=caches[kind], use_cache=True).logits
+                logits = model(input_ids=token, **with_cache({}, caches[kind]), use_cache=True).logits
         else:
-            logits = model(input_ids=token, past_key_values=caches[kind], use_cache=True).logits
+            logits = model(input_ids=token, **with_cache({}, caches[kind]), use_cache=True).logits
         times[kind].append(time.perf_counter() - start)
         return logits[:, -1:].argmax(-1)
 
     with torch.no_grad():
         for kind, cache in caches.items():
-            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :-1], **with_cache({}, cache), use_cache=True)
             tokens[kind] = ids[:, -1:]
         for _ in range(steps + 1):
             for kind in caches:

@@ -45,16 +45,21 @@ def score_task(model, tokenizer, n: int) -> dict[str, Any]:
     return evaluate(model, tokenizer, TASK, TASK_KWARGS, n=n, seed=EVAL_SEED, batch_size=16, progress=False)
 
 
-def train_graft(model, tokenizer, graft: dict[str, Any], lr: float, steps: int, n_train: int, out_dir: Path):
+def train_graft(model, tokenizer, graft: dict[str, Any], lr: float, steps: int, n_train: int, out_dir: Path, *,
+                task: str = TASK, task_kwargs: dict[str, Any] | None = None, batch_size: int = 8,
+                max_length: int = 256):
+    """Train ``graft`` (a recipe's graft section) on ``model`` with the recipes loop on ``task`` (data seed
+    1, 32 held-out examples for the eval loss); returns the loop's result (``.model``, ``.summary``)."""
     from graftlm.recipes.config import build_recipe
     from graftlm.recipes.loop import train
 
     recipe = build_recipe({
         "model": {"name": "unused: the loaded model is passed in"},
         "graft": graft,
-        "data": {"task": TASK, "task_kwargs": dict(TASK_KWARGS), "n_train": n_train, "n_eval": 32, "seed": 1,
-                 "max_length": 256},
-        "train": {"steps": steps, "batch_size": 8, "lr": lr, "warmup_steps": max(1, steps // 10),
+        "data": {"task": task, "task_kwargs": dict(task_kwargs if task_kwargs is not None
+                                                   else TASK_KWARGS if task == TASK else {}),
+                 "n_train": n_train, "n_eval": 32, "seed": 1, "max_length": max_length},
+        "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": max(1, steps // 10),
                   "schedule": "cosine", "eval_every": 0, "log_every": 5, "seed": 0, "progress_bar": True},
         "output_dir": str(out_dir),
     })

@@ -260,6 +260,24 @@ def test_distillation_loss_is_finite_and_reaches_the_echo_parameters(family):
     assert graft._distill_terms is None and not graft._pending
 
 
+def test_ramp_schedule_rises_to_the_configured_ramp_and_only_in_replace_mode():
+    model = attach_adapter(build_tiny_model("llama"), echo_config("replace", replace_ramp=0.8, ramp_fraction=0.5))
+    graft = model.grafts["default"]
+    ramps = []
+    for step in range(1, 11):
+        graft.on_train_step(step, 10)
+        ramps.append(graft.replace_ramp)
+    assert ramps[:5] == pytest.approx([0.8 * s / 5 for s in range(1, 6)])
+    assert ramps[5:] == [0.8] * 5  # held at the configured value; the last step leaves it there
+    with pytest.raises(ValueError, match="ramp_fraction"):
+        EchoConfig(mode="parallel", ramp_fraction=0.5)
+    with pytest.raises(ValueError, match="ramp_fraction"):
+        EchoConfig(mode="replace", ramp_fraction=1.5)
+    constant = attach_adapter(build_tiny_model("llama"), echo_config("replace", replace_ramp=0.3))
+    constant.grafts["default"].on_train_step(1, 10)
+    assert constant.grafts["default"].replace_ramp == 0.3
+
+
 def test_training_loss_is_plain_lm_loss_without_distillation():
     model = attach_adapter(build_tiny_model("llama"), echo_config("replace"))
     assert model.grafts["default"].training_loss(model, {"input_ids": IDS, "labels": IDS}) is None

@@ -14,6 +14,7 @@ from graftlm.adapters.io import WEIGHTS_NAME
 from graftlm.adapters.range_search import forced_keys
 from graftlm.adapters.range_search_cache import RangeSearchCache
 from graftlm.kernels.range_search import RangeSearchIndex, exact_scores, halfspace_mask
+from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_kwarg
 
 PROMPT = torch.tensor([[3, 17, 42, 9, 77, 5, 120, 33, 8, 61, 14, 90, 27, 64, 11, 38, 99, 52, 7, 45, 81, 23, 70]])
 NEW_TOKENS = 9
@@ -172,9 +173,10 @@ def test_foreign_cache_stays_dense_with_a_warning():
 def test_generate_supplies_a_range_search_cache():
     model = attach_adapter(build_tiny_model("llama"), small_graft())
     kwargs = graft_of(model).prepare_generate_kwargs({"max_new_tokens": 2})
-    assert isinstance(kwargs["past_key_values"], RangeSearchCache)
+    assert isinstance(kwargs[cache_kwarg()], RangeSearchCache)
     own = DynamicCache()
-    assert graft_of(model).prepare_generate_kwargs({"past_key_values": own})["past_key_values"] is own
+    for name in ("cache", "past_key_values"):  # the caller's cache under either transformers name is kept
+        assert cache_from_kwargs(graft_of(model).prepare_generate_kwargs({name: own})) is own
     greedy(model)
     assert len(graft_of(model).recall_log) == (NEW_TOKENS - 1) * model.config.num_hidden_layers
 

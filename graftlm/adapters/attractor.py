@@ -28,9 +28,9 @@ flags. The solver's fallback keeps the iterates finite, so the logits are never 
 The optional Jacobian regulariser ``||J^T v||^2`` enters through ``training_loss`` when
 ``jacobian_weight > 0``.
 
-Generation: the head keeps its own KV cache on the transformers ``Cache`` passed as
-``past_key_values`` (attribute ``graftlm_attractor``: per block the keys/values [B, H, T_past, hd] of
-the earlier positions' converged ``h_i``). For a new chunk, the earlier positions are fixed at their
+Generation: the head keeps its own KV cache on the transformers ``Cache`` the model is called with
+(``cache``, ``past_key_values`` before transformers 5.24; attribute ``graftlm_attractor``: per block
+the keys/values [B, H, T_past, hd] of the earlier positions' converged ``h_i``). For a new chunk, the earlier positions are fixed at their
 fixed point; the chunk's queries attend to those cached keys/values and to the chunk's own iterates.
 Because attention is causal, the joint fixed point of a full forward restricted to a prefix is the
 prefix's fixed point, so prefill + token-by-token decode equals one full forward (up to the solver
@@ -55,6 +55,7 @@ from graftlm.adapters.graft import Graft
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
 from graftlm.kernels.fixed_point import FixedPointConfig, fixed_point_solve, solve
+from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_from_output
 
 CACHE_ATTRIBUTE = "graftlm_attractor"
 
@@ -275,7 +276,7 @@ class AttractorGraft(Graft):
     def _before_model(self, module, args, kwargs):
         if not self.active:
             return
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         past = int(cache.get_seq_length()) if cache is not None else 0
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
@@ -285,7 +286,7 @@ class AttractorGraft(Graft):
         run, self._run = self._run, None
         if run is None or run.state is None:
             return
-        cache = run.cache if run.cache is not None else getattr(output, "past_key_values", None)
+        cache = run.cache if run.cache is not None else cache_from_output(output)
         if cache is not None:
             setattr(cache, CACHE_ATTRIBUTE, run.state)
 

@@ -19,7 +19,8 @@ Two modes:
   (the frozen q/k/v/o weights restricted to the last ``window`` tokens, the query's own included) plus
   the Echo branch, so the layer keeps no KV cache beyond the window at generation. Training ramps from
   the frozen attention to it: ``out = (1 - ramp) full_attention + ramp (window_attention + echo)``
-  (``replace_ramp``; 0 with W_o = 0 is the base exactly; generation with ramp = 1 holds only the window).
+  (``replace_ramp``; 0 with W_o = 0 is the base exactly; generation with ramp = 1 holds only the window;
+  ``ramp_fraction`` schedules it in the recipes loop through `EchoGraft.on_train_step`).
   The window attention is an attention function registered through ``patch.register_attention`` and
   switched on for the whole model: it calls the model's previous implementation unchanged for every
   layer it does not replace, so projections, norms, RoPE and cache updates stay the base model's code.
@@ -46,6 +47,7 @@ from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.echo_cache import EchoCache, EchoSettings, echo_continue, echo_prefill, echo_sequence
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.registry import register_graft
+from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MODES = ("parallel", "replace")
@@ -80,6 +82,9 @@ class EchoConfig(GraftConfig):
     distill_weight: float = field(default=0.0, metadata={
         "help": "Replace mode: weight of the MSE between each layer's window attention + Echo output and "
                 "its frozen full-attention output (LoLCATs); 0 = LM loss only."})
+    ramp_fraction: float = field(default=0.0, metadata={
+        "help": "Replace mode, recipes training: over this fraction of the steps the ramp rises linearly "
+                "from 0 to replace_ramp (Graft.on_train_step), then holds; 0 = replace_ramp throughout."})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +98,9 @@ class EchoConfig(GraftConfig):
         if self.distill_weight < 0 or (self.distill_weight > 0 and self.mode != "replace"):
             raise ValueError("EchoConfig.distill_weight must be >= 0 and needs mode='replace' (in parallel mode "
                              "the frozen attention output is already part of the layer's output)")
+        if not 0.0 <= self.ramp_fraction <= 1.0 or (self.ramp_fraction > 0 and self.mode != "replace"):
+            raise ValueError(f"EchoConfig.ramp_fraction must be in [0, 1] and needs mode='replace', got "
+                             f"{self.ramp_fraction} with mode={self.mode!r}")
 
 
 class EchoBranch(nn.Module):
@@ -188,7 +196,7 @@ class EchoGraft(Graft):
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         if token_mask is not None and bool(token_mask.all()):
             token_mask = None
@@ -222,7 +230,7 @@ class EchoGraft(Graft):
             if self._context.past_length > 0:
                 raise RuntimeError(
                     "the Echo graft continues a sequence only from an EchoCache (its state lives there): use "
-                    "GraftModel.generate, or pass past_key_values=graft.make_cache()")
+                    "GraftModel.generate, or pass graft.make_cache() as the cache")
             y = echo_sequence(z, q, v, branch.gamma, branch.eta, keep, self.settings)
         elif slot.state is None:
             y, state, seen = echo_prefill(z, q, v, branch.gamma, branch.eta, keep, self.settings)
@@ -244,7 +252,7 @@ class EchoGraft(Graft):
             if ramp == 0.0 and not distilling:
                 return output
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            echo_out = self._echo_output(index, x, kwargs.get("past_key_values"))
+            echo_out = self._echo_output(index, x, cache_from_kwargs(kwargs))
             if distilling:
                 self._record_distillation(index, module, echo_out)
             if ramp == 0.0:
@@ -336,17 +344,25 @@ class EchoGraft(Graft):
         return EchoCache(self.base_model.config, echo_layers=self.layer_indices, window_layers=windows)
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Supply ``make_cache()`` as ``past_key_values`` (unless the caller passed an EchoCache, or
+        """Supply ``make_cache()`` as the cache (unless the caller passed an EchoCache, or
         ``use_cache=False``: then every step is a whole-sequence forward, which needs no state)."""
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         if kwargs.get("use_cache") is False and cache is None:
             return kwargs
         if cache is None:
-            return {**kwargs, "past_key_values": self.make_cache(), "use_cache": True}
+            return {**with_cache(kwargs, self.make_cache()), "use_cache": True}
         if not isinstance(cache, EchoCache):
             raise TypeError("an Echo graft generates with an EchoCache (graft.make_cache()), not "
                             f"{type(cache).__name__}")
         return kwargs
+
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        """Replace mode with ``ramp_fraction > 0``: ``replace_ramp = config.replace_ramp * min(1, step /
+        (ramp_fraction * total_steps))``, so the last step (and a saved adapter) has the configured value."""
+        if not self.replaces or self.config.ramp_fraction == 0.0:
+            return
+        ramp_steps = max(1.0, self.config.ramp_fraction * total_steps)
+        self.replace_ramp = self.config.replace_ramp * min(1.0, step / ramp_steps)
 
     def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """LM loss + ``distill_weight`` x the layers' mean distillation MSE; None (plain LM loss) when

@@ -115,7 +115,7 @@ class Graft(nn.Module):
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Adjust ``generate`` keyword arguments before generation (e.g. supply a graft-aware ``Cache``
-        as ``past_key_values``); the default leaves them unchanged."""
+        as the cache, under `graftlm.patches.cache_kwarg.cache_kwarg()`); the default leaves them unchanged."""
         return kwargs
 
     def on_train_step(self, step: int, total_steps: int) -> None:

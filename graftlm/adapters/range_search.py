@@ -21,7 +21,8 @@ How it is wired (transformers 5.x):
   logits therefore match to float tolerance, on ``sdpa`` (the default) bit for bit.
 * The index lives on a `RangeSearchCache` (``range_search_cache.py``). The attention function gets no
   cache argument, so a forward pre-hook (with kwargs) on each grafted attention module hands the
-  module's ``past_key_values`` to the graft for the duration of that module's forward.
+  module's cache (``cache``; ``past_key_values`` before transformers 5.24) to the graft for the
+  duration of that module's forward.
 * ``generate`` through `GraftModel` gets a fresh `RangeSearchCache` via `prepare_generate_kwargs` when
   the caller passed no cache. A caller's own cache of another type (a plain ``DynamicCache``, or another
   graft's cache) is used as given and decode stays dense (with a one-time warning): an index kept
@@ -71,6 +72,7 @@ from graftlm.kernels.range_search import (
     softmax_mass_recall,
     triton_available,
 )
+from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
 THRESHOLD_MODES = ("budget", "reservoir")
 BACKENDS = ("auto", "torch", "triton")
@@ -240,7 +242,7 @@ class RangeSearchGraft(Graft):
             self.add_hook(attention.register_forward_hook(self._release_cache))
 
     def _capture_cache(self, module, args, kwargs):
-        self._caches[module.layer_idx] = kwargs.get("past_key_values")
+        self._caches[module.layer_idx] = cache_from_kwargs(kwargs)
 
     def _release_cache(self, module, args, output):
         self._caches.pop(module.layer_idx, None)
@@ -258,9 +260,9 @@ class RangeSearchGraft(Graft):
         return RangeSearchCache(self.base_model.config, self.layer_indices, index_options, reservoir, c.seed)
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Supply `make_cache()` as ``past_key_values`` unless the caller passed a cache or disabled caching."""
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-            return {**kwargs, "past_key_values": self.make_cache(), "use_cache": True}
+        """Supply `make_cache()` as the cache unless the caller passed a cache or disabled caching."""
+        if cache_from_kwargs(kwargs) is None and kwargs.get("use_cache", True) is not False:
+            return {**with_cache(kwargs, self.make_cache()), "use_cache": True}
         return kwargs
 
     # -- attention
@@ -287,7 +289,7 @@ class RangeSearchGraft(Graft):
             self._warned_foreign_cache = True
             warnings.warn(
                 f"range-search graft: decode with a {type(cache).__name__} instead of a RangeSearchCache stays "
-                "dense; use GraftModel.generate without past_key_values, or pass graft.make_cache()",
+                "dense; use GraftModel.generate without a cache, or pass graft.make_cache()",
                 stacklevel=3,
             )
 

@@ -25,7 +25,7 @@ Forward modes (the recurrence runs through the pretrained FFN, so it can't be a 
 * ``exact``: each grafted layer runs its FFN token by token, carrying the state (the recurrence above,
   exactly). Used for decode (one token), on request for prefill, and for tests.
 
-Generation: the state lives on the transformers ``Cache`` object passed as ``past_key_values``
+Generation: the state lives on the transformers ``Cache`` object the model is called with
 (attribute ``graftlm_sst``: layer -> [B, d]), beside the KV cache; decode is the exact recurrence.
 Beam search (cache reordering) is not supported.
 """
@@ -45,6 +45,7 @@ from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
+from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
 CACHE_ATTRIBUTE = "graftlm_sst"
 
@@ -153,7 +154,7 @@ class SSTGraft(Graft):
         reference = input_ids if input_ids is not None else embeds
         batch, length = reference.shape[:2]
         token_mask = _token_mask(kwargs.get("attention_mask"), batch, length, reference.device)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         initial = getattr(cache, CACHE_ATTRIBUTE, None) or {}
         mode = self.config.train_mode if module.training else self.config.prefill_mode
         if length == 1 or mode == "exact":
@@ -184,7 +185,7 @@ class SSTGraft(Graft):
         try:
             with torch.no_grad():
                 module(input_ids=input_ids, inputs_embeds=embeds, attention_mask=kwargs.get("attention_mask"),
-                       position_ids=kwargs.get("position_ids"), past_key_values=past, use_cache=past is not None,
+                       position_ids=kwargs.get("position_ids"), **with_cache({}, past), use_cache=past is not None,
                        logits_to_keep=1)
         finally:
             self._run, self._internal = previous, False

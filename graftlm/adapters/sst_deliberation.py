@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters.sst import SSTGraft
+from graftlm.patches.cache_kwarg import with_cache
 
 
 @dataclass
@@ -76,14 +77,14 @@ def generate_with_deliberation(
     cache = DynamicCache(config=model.config)
     cache.activate_past_recording()  # sliding-window layers (Gemma 3) must be able to crop the repeated entry
     if input_ids.shape[1] > 1:
-        model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
+        model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], **with_cache({}, cache), use_cache=True,
               position_ids=_positions(mask)[:, :-1])
     last, position = input_ids[:, -1:], _positions(mask)[:, -1:]
     entry_states = graft.cache_states(cache)
 
     def one_pass(states):
         graft.set_cache_states(cache, states)
-        out = model(input_ids=last, attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = model(input_ids=last, attention_mask=mask, **with_cache({}, cache), use_cache=True,
                     position_ids=position)
         return out.logits[:, -1], graft.cache_states(cache)
 
@@ -124,7 +125,7 @@ def generate_with_deliberation(
             if bool(finished.all()):
                 break
         mask = torch.cat([mask, torch.ones_like(generated[-1])], dim=1)
-        out = model(input_ids=generated[-1], attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = model(input_ids=generated[-1], attention_mask=mask, **with_cache({}, cache), use_cache=True,
                     position_ids=_positions(mask)[:, -1:])
         next_id = out.logits[:, -1].argmax(-1, keepdim=True)
         if eos_token_id is not None:

@@ -8,7 +8,7 @@ A decoder layer of the supported families computes (METHODS.md, notation)::
 `ArchitecturePatch` names those modules for one family. Grafts attach through forward hooks (with
 kwargs) on these modules or through the attention registry, so the base model's own ``forward`` code
 is never replaced. Hooks registered on modules re-run when gradient checkpointing recomputes a layer,
-and see the same ``past_key_values`` in prefill and in one-token decode steps.
+and see the same cache (`cache_kwarg`) in prefill and in one-token decode steps.
 """
 
 from __future__ import annotations
