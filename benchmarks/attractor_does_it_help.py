@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+SAME_BUDGET_LORA_LR = 1e-3  # the demo's LoRA baseline
+
 
 def first_guess_residual(model, tokenizer, graft, prompts: list[str], batch_size: int = 16) -> float:
     """Mean over prompts of ||g(c) - c|| / ||c|| over each prompt's positions (one forward, 0 updates)."""
@@ -114,8 +116,8 @@ def main() -> None:
     head_params = summaries["attractor"]["trainable_params"]
     lora_base, _ = load_model(args.model)
     rank = lora_rank_for_budget(lora_base, head_params, ["v_proj"])
-    lora_run = train_graft(lora_base, tokenizer, {"type": "lora", "r": rank, "target_modules": ["v_proj"]}, 1e-3,
-                           args.steps, n_train, out / "lora")
+    lora_run = train_graft(lora_base, tokenizer, {"type": "lora", "r": rank, "target_modules": ["v_proj"]},
+                           SAME_BUDGET_LORA_LR, args.steps, n_train, out / "lora")
     lora_name = f"LoRA same budget as the head (v_proj r={rank})"
     accuracy[lora_name] = score_task(lora_run.model, tokenizer, args.n_eval)["accuracy"]
     summaries[lora_name] = summary(lora_run)
@@ -130,7 +132,8 @@ def main() -> None:
 
     report = {
         "model": args.model, "task": TASK, "task_kwargs": TASK_KWARGS, "eval_seed": EVAL_SEED,
-        "steps": args.steps, "n_eval": args.n_eval, "lr": args.lr, "lr_same_budget_lora": 1e-3, "accuracy": accuracy,
+        "steps": args.steps, "n_eval": args.n_eval, "lr": args.lr, "lr_same_budget_lora": SAME_BUDGET_LORA_LR,
+        "accuracy": accuracy,
         "internalisation": internalisation, "training": summaries,
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -30,8 +30,9 @@ The optional Jacobian regulariser ``||J^T v||^2`` enters through ``training_loss
 
 Generation: the head keeps its own KV cache on the transformers ``Cache`` the model is called with
 (``cache``, ``past_key_values`` before transformers 5.24; attribute ``graftlm_attractor``: per block
-the keys/values [B, H, T_past, hd] of the earlier positions' converged ``h_i``). For a new chunk, the earlier positions are fixed at their
-fixed point; the chunk's queries attend to those cached keys/values and to the chunk's own iterates.
+the keys/values [B, H, T_past, hd] of the earlier positions' converged ``h_i``). For a new chunk, the
+earlier positions are fixed at their fixed point; the chunk's queries attend to those cached
+keys/values and to the chunk's own iterates.
 Because attention is causal, the joint fixed point of a full forward restricted to a prefix is the
 prefix's fixed point, so prefill + token-by-token decode equals one full forward (up to the solver
 tolerance). Per-call iteration counts are appended to the cache (``cache_iterations``); in decode one
