@@ -48,12 +48,6 @@ def first_guess_residual(model, tokenizer, graft, prompts: list[str], batch_size
     return float(torch.cat(residuals).mean())
 
 
-def summary(run) -> dict:
-    """The training figures of a recipes-loop result that the report keeps."""
-    return {k: run.summary.get(k) for k in ("trainable_params", "final_loss", "final_eval_loss", "tokens_per_s",
-                                            "wall_time_s")}
-
-
 def measure(model, tokenizer, graft, prompts, n_eval: int) -> dict:
     """First-guess residual and accuracy at 0, 1 and full solver updates."""
     from graftlm.demo import score_task
@@ -81,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from graftlm import load_model
-    from graftlm.demo import EVAL_SEED, TASK, TASK_KWARGS, score_task, train_graft
+    from graftlm.demo import EVAL_SEED, TASK, TASK_KWARGS, score_task, train_graft, training_figures
     from graftlm.eval import get_task
     from graftlm.recipes.budget import lora_rank_for_budget
 
@@ -109,7 +103,7 @@ def main() -> None:
         after = measure(run.model, tokenizer, graft, prompts, args.n_eval)
         internalisation[name] = {"before": before, "after": after}
         accuracy[name] = after["acc_full"]
-        summaries[name] = summary(run)
+        summaries[name] = training_figures(run)
         print(name, json.dumps(internalisation[name]), flush=True)
         del run, base, fresh
 
@@ -120,7 +114,7 @@ def main() -> None:
                            SAME_BUDGET_LORA_LR, args.steps, n_train, out / "lora")
     lora_name = f"LoRA same budget as the head (v_proj r={rank})"
     accuracy[lora_name] = score_task(lora_run.model, tokenizer, args.n_eval)["accuracy"]
-    summaries[lora_name] = summary(lora_run)
+    summaries[lora_name] = training_figures(lora_run)
     del lora_run, lora_base
 
     control_base, _ = load_model(args.model)
@@ -128,7 +122,7 @@ def main() -> None:
                           out / "backbone_lora_alone")
     control_name = f"backbone LoRA r={args.lora_r} alone"
     accuracy[control_name] = score_task(control.model, tokenizer, args.n_eval)["accuracy"]
-    summaries[control_name] = summary(control)
+    summaries[control_name] = training_figures(control)
 
     report = {
         "model": args.model, "task": TASK, "task_kwargs": TASK_KWARGS, "eval_seed": EVAL_SEED,

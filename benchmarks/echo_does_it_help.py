@@ -96,7 +96,7 @@ def main() -> None:
 
     from graftlm import attach_adapter, load_model
     from graftlm.adapters.echo import EchoConfig
-    from graftlm.demo import train_graft
+    from graftlm.demo import train_graft, training_figures
     from graftlm.eval import get_task
 
     started = time.perf_counter()
@@ -131,8 +131,7 @@ def main() -> None:
         run = train_graft(base, tokenizer, {"type": "echo", **common, **spec}, args.lr, args.steps,
                           args.steps * args.batch_size, out / name.replace(" ", "_").replace(",", ""),
                           task="mqar", task_kwargs=train_kwargs, batch_size=args.batch_size, max_length=2048)
-        training[name] = {k: run.summary.get(k) for k in ("trainable_params", "final_loss", "final_eval_loss",
-                                                           "tokens_per_s", "wall_time_s")}
+        training[name] = training_figures(run)
         results[name] = sweep(run.model, tokenizer, points, args.n_eval, args.value_digits, args.num_queries)
         del run, base
 

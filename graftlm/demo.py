@@ -45,6 +45,14 @@ def score_task(model, tokenizer, n: int) -> dict[str, Any]:
     return evaluate(model, tokenizer, TASK, TASK_KWARGS, n=n, seed=EVAL_SEED, batch_size=16, progress=False)
 
 
+TRAINING_FIGURES = ("trainable_params", "final_loss", "final_eval_loss", "tokens_per_s", "wall_time_s")
+
+
+def training_figures(run) -> dict[str, Any]:
+    """The figures of a `train_graft` result that reports keep (``TRAINING_FIGURES`` of its summary)."""
+    return {k: run.summary.get(k) for k in TRAINING_FIGURES}
+
+
 def train_graft(model, tokenizer, graft: dict[str, Any], lr: float, steps: int, n_train: int, out_dir: Path, *,
                 task: str = TASK, task_kwargs: dict[str, Any] | None = None, batch_size: int = 8,
                 max_length: int = 256):
