@@ -1,4 +1,5 @@
-"""The ``graftlm`` command. Subcommands: ``models``, ``convert``, ``grafts``, ``demo``, ``train``, ``eval``."""
+"""The ``graftlm`` command. Subcommands: ``models``, ``convert``, ``grafts``, ``demo``, ``train``, ``compare``,
+``eval``."""
 
 from __future__ import annotations
 
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_train_arguments(train)
         train.set_defaults(func=run_train)
 
+    from graftlm.compare.cli import add_compare_arguments, run_compare_cli
+
+    compare = sub.add_parser("compare", help="train several systems on the same data and compare them with "
+                                             "intervals and paired tests (a spec YAML, `--key value` overrides)")
+    add_compare_arguments(compare)
+    compare.set_defaults(func=run_compare_cli)
+
     try:
         from graftlm.eval.runner import add_eval_arguments, run_eval_cli
     except ImportError:
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "train":
+    if unknown and args.command not in ("train", "compare"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if unknown:
         args.overrides = unknown

@@ -49,6 +49,30 @@ def build_tiny_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     return model.eval()
 
 
+def build_byte_tokenizer():
+    """Returns a byte-level ``PreTrainedTokenizerFast`` (256 byte tokens + <pad>, <s>, </s>), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_byte_model(directory, family: str = "llama", seed: int = 0):
+    """A tiny random model with the byte tokenizer saved as a Hugging Face directory (for `load_model`)."""
+    tokenizer = build_byte_tokenizer()
+    model = build_tiny_model(family, seed, vocab_size=len(tokenizer), max_position_embeddings=512)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 # -- a test-only graft: zero-initialised per-channel biases on the FFN and attention outputs --------
 @dataclass
 class FFNBiasConfig(GraftConfig):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -117,6 +118,22 @@ class Graft(nn.Module):
         """Adjust ``generate`` keyword arguments before generation (e.g. supply a graft-aware ``Cache``
         as the cache, under `graftlm.patches.cache_kwarg.cache_kwarg()`); the default leaves them unchanged."""
         return kwargs
+
+    @contextmanager
+    def config_overrides(self, values: dict[str, Any]) -> Iterator[None]:
+        """Set config fields for the block (an evaluation variant, e.g. a solver at one iteration); grafts
+        that derive state from their config at init override this to rebuild it."""
+        unknown = [k for k in values if not hasattr(self.config, k)]
+        if unknown:
+            raise ValueError(f"{type(self.config).__name__} has no field {', '.join(map(repr, unknown))}")
+        saved = {k: getattr(self.config, k) for k in values}
+        try:
+            for key, value in values.items():
+                setattr(self.config, key, value)
+            yield
+        finally:
+            for key, value in saved.items():
+                setattr(self.config, key, value)
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         """Called by the recipes loop before each optimizer step (1-based ``step``): schedules such as a

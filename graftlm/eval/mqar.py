@@ -97,6 +97,7 @@ class MQARTask(Task):
 
     name = "mqar"
     max_new_tokens = 5
+    answer_prefix = ""  # "tiger=42", as the answered queries of the prompt are written
 
     def __init__(self, num_pairs: int = 4, num_queries: int = 2, gap: int = 0, value_digits: int = 2):
         self.num_pairs, self.num_queries, self.gap, self.value_digits = num_pairs, num_queries, gap, value_digits

@@ -124,6 +124,8 @@ def _one_line(text: str) -> str:
 class ReasoningGymTask(Task):
     """A reasoning-gym dataset at one difficulty, as few-shot prompts with exact answers."""
 
+    answer_context = "\nQuestion:"  # an answered shot is followed by a blank line and the next question
+
     def __init__(self, dataset: str, difficulty: int = 1, shots: int = 3):
         if dataset not in DATASETS:
             raise ValueError(f"unknown reasoning-gym dataset {dataset!r}; supported: {', '.join(DATASETS)}")

@@ -63,11 +63,19 @@ class Task:
 
     Subclasses set ``name``, implement ``examples`` and, where answers are not plain numbers,
     override ``extract_answer`` / ``normalize``.
+
+    How an answered example reads in the task's own text, which training targets copy exactly:
+    ``answer_prefix`` comes between the prompt and the answer ("Answer: 5" has " ", MQAR's "tiger=42" has
+    ""); ``answer_context`` is what follows the answer's ending newline in the task's text ("\nQuestion:"
+    in few-shot prompts, whose blocks are joined by a blank line), so the ending tokenizes as in running
+    text (Gemma's tokenizer has one token for "\n\n").
     """
 
     name: str = "task"
     max_new_tokens: int = 16
     stop_at_newline: bool = True
+    answer_prefix: str = " "
+    answer_context: str = ""
     breakdown_keys: tuple[str, ...] = ()
 
     def examples(self, n: int, seed: int) -> list[Example]:
@@ -119,9 +127,9 @@ def available_tasks() -> list[str]:
 
 
 def task_accepts(name: str, parameter: str) -> bool:
-    """Returns whether the factory registered as ``name`` takes a keyword ``parameter``."""
+    """Returns whether the factory registered as ``name`` takes a keyword ``parameter`` (False for unknown names)."""
     _load_builtin_tasks()
-    return parameter in inspect.signature(_REGISTRY[name]).parameters
+    return name in _REGISTRY and parameter in inspect.signature(_REGISTRY[name]).parameters
 
 
 def get_task(name: str, **kwargs: Any) -> Task:

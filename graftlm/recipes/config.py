@@ -4,7 +4,7 @@ A recipe file::
 
     model: {name: smollm2-135m}
     graft: {type: lora, r: 8}                  # or a list of mappings to stack grafts (`adapter_name`)
-    data: {task: chain_sum, n_train: 512, n_eval: 64}     # or `dataset: path/to/train.jsonl`
+    data: {task: chain_sum, n_train: 512, n_eval: 64}     # or `dataset:` a .jsonl file / datasets source
     train: {steps: 100, batch_size: 8, lr: 1.0e-3}
     output_dir: runs/lora-smollm2-135m
 
@@ -56,9 +56,35 @@ class ModelSection:
 class DataSection:
     task: str | None = field(default=None, metadata={"help": "Task name in graftlm.eval's registry."})
     task_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of the task."})
-    dataset: str | None = field(default=None, metadata={"help": "JSON-lines file of {prompt, answer} records."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "A JSON-lines file; a local dataset directory (datasets' save_to_disk, or a folder of "
+                          "data files); a datasets builder ('json', 'csv', 'parquet', 'text') with data_files; or "
+                          "a dataset name already in the local Hugging Face cache (works offline)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Data files of a builder dataset."})
+    split: str = field(default="train", metadata={"help": "Split of `dataset` to train on."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Held-out split of `dataset`; default: n_eval examples held out of `split`."}
+    )
     eval_dataset: str | None = field(
-        default=None, metadata={"help": "JSON-lines held-out set; default: n_eval records held out of the data."}
+        default=None, metadata={"help": "A held-out source like `dataset`, read with the same fields."}
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "Column of the prompt (what the model reads)."})
+    answer_field: str = field(
+        default="answer", metadata={"help": "Column of the answer, appended to the prompt exactly as written."}
+    )
+    text_field: str | None = field(
+        default=None, metadata={"help": "Column of plain text for language-model training (loss on every token)."}
+    )
+    messages_field: str | None = field(
+        default=None,
+        metadata={"help": "Column of chat messages [{role, content}, ...], rendered with the tokenizer's chat "
+                          "template; the loss is on the last (assistant) message."},
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "Plain text: concatenate the texts and cut them into max_length blocks."}
     )
     n_train: int = field(default=1024, metadata={"help": "Training examples generated from the task."})
     n_eval: int = field(default=64, metadata={"help": "Held-out examples for the eval loss (0: no eval)."})
@@ -70,7 +96,11 @@ class DataSection:
     max_length: int = field(
         default=256, metadata={"help": "Longest tokenized example (prompt + answer); longer ones are dropped."}
     )
-    append_eos: bool = field(default=True, metadata={"help": "End every answer with the tokenizer's EOS token."})
+    answer_end: Literal["auto", "newline", "eos", "none"] = field(
+        default="auto",
+        metadata={"help": "How a training answer ends: newline (where a task's scoring stops reading), the "
+                          "tokenizer's eos, or none; auto: newline for tasks scored up to a newline, else eos."},
+    )
 
 
 @dataclass
@@ -276,9 +306,20 @@ def build_recipe(raw: dict[str, Any]) -> Recipe:
 
 def _check_data(data: DataSection, problems: list[str]) -> None:
     if (data.task is None) == (data.dataset is None):
-        problems.append("data: give exactly one of `task` (a graftlm.eval task name) or `dataset` (a .jsonl file)")
+        problems.append("data: give exactly one of `task` (a graftlm.eval task name) or `dataset` (a .jsonl file "
+                        "or a datasets source)")
     if data.task_kwargs and data.task is None:
         problems.append("data.task_kwargs: set, but there is no data.task")
+    if data.task is not None:
+        for name in ("dataset_config", "data_files", "eval_split", "eval_dataset", "text_field", "messages_field"):
+            if getattr(data, name) is not None:
+                problems.append(f"data.{name}: set, but the data is a task (it applies to data.dataset)")
+    if data.text_field is not None and data.messages_field is not None:
+        problems.append("data: give at most one of `text_field` (plain text) and `messages_field` (chat)")
+    if data.packing and data.text_field is None:
+        problems.append("data.packing: applies to plain text only; set data.text_field")
+    if data.eval_split is not None and data.eval_dataset is not None:
+        problems.append("data: give at most one of `eval_split` and `eval_dataset`")
     for name in ("n_train", "max_length"):
         if getattr(data, name) < 1:
             problems.append(f"data.{name}: must be >= 1, got {getattr(data, name)}")

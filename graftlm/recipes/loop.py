@@ -43,12 +43,15 @@ from graftlm.recipes.config import Recipe, RecipeError, TrainSection
 from graftlm.recipes.data import (
     PaddingCollator,
     PromptAnswer,
+    TrainingText,
+    as_training_texts,
     count_label_tokens,
-    load_examples,
-    tokenize_examples,
+    pack_texts,
+    tokenize_texts,
 )
 from graftlm.recipes.objective import TrainingObjective
 from graftlm.recipes.run_log import RunLog
+from graftlm.recipes.sources import load_training_data
 
 
 @dataclass
@@ -181,6 +184,13 @@ class _Meter:
         return values
 
 
+def tokenize_data(texts: list[TrainingText], tokenizer: Any, recipe: Recipe, what: str = "training set"):
+    """The tokenized dataset of ``texts``: packed blocks for plain text with ``data.packing``, else one row each."""
+    if recipe.data.packing:
+        return pack_texts([t.prompt + t.completion for t in texts], tokenizer, recipe.data.max_length, what)
+    return tokenize_texts(texts, tokenizer, recipe.data.max_length, what)
+
+
 def _scalar(value: Any) -> float:
     return float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
 
@@ -189,31 +199,34 @@ def train(
     recipe: Recipe,
     model: nn.Module | None = None,
     tokenizer: Any = None,
-    train_examples: list[PromptAnswer] | None = None,
-    eval_examples: list[PromptAnswer] | None = None,
+    train_examples: list[TrainingText | PromptAnswer] | None = None,
+    eval_examples: list[TrainingText | PromptAnswer] | None = None,
 ) -> TrainResult:
     """Run a recipe: attach its grafts, train them, save ``output_dir/adapter`` and ``train_summary.json``.
 
     ``model`` / ``tokenizer``: a base model to use instead of loading ``recipe.model.name``.
-    ``train_examples`` / ``eval_examples``: (prompt, answer) examples instead of ``recipe.data``'s source.
+    ``train_examples`` / ``eval_examples``: `TrainingText`s (or (prompt, answer) examples, joined as
+    written) instead of ``recipe.data``'s source.
     Raises `RecipeError` before training when anything doesn't fit.
     """
     settings = recipe.train
     accelerator = make_accelerator(settings)
     from accelerate.utils import set_seed
 
-    if train_examples is None:
-        train_examples, eval_examples = load_examples(recipe.data)
+    if model is not None and tokenizer is None:
+        raise RecipeError("train(): a model was given without its tokenizer")
+    needs_tokenizer = recipe.data.messages_field is not None  # chat rendering; other data is checked first
+    if train_examples is None and not needs_tokenizer:
+        train_examples, eval_examples = load_training_data(recipe.data)
     if model is None:
         model, tokenizer = load_base(recipe)
-    elif tokenizer is None:
-        raise RecipeError("train(): a model was given without its tokenizer")
-    train_set = tokenize_examples(train_examples, tokenizer, recipe.data.max_length, recipe.data.append_eos)
+    if train_examples is None:
+        train_examples, eval_examples = load_training_data(recipe.data, tokenizer)
+    answer_end = "eos" if recipe.data.answer_end == "auto" else recipe.data.answer_end
+    train_set = tokenize_data(as_training_texts(train_examples, answer_end), tokenizer, recipe)
     eval_set = None
     if eval_examples:
-        eval_set = tokenize_examples(
-            eval_examples, tokenizer, recipe.data.max_length, recipe.data.append_eos, what="held-out set"
-        )
+        eval_set = tokenize_data(as_training_texts(eval_examples, answer_end), tokenizer, recipe, "held-out set")
     set_seed(settings.seed)
     graft_model = attach_grafts(model, recipe)
     plan = BatchPlan(len(train_set), settings.batch_size, accelerator.num_processes, accelerator.process_index,

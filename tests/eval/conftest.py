@@ -2,21 +2,7 @@
 
 import pytest
 import torch
-
-
-def build_byte_tokenizer():
-    """Returns a byte-level ``PreTrainedTokenizerFast`` (256 byte tokens + <pad>, <s>, </s>), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for symbol in sorted(alphabet):
-        vocab[symbol] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+from graft_fixtures import build_byte_tokenizer
 
 
 @pytest.fixture(scope="session")

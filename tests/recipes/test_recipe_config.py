@@ -6,7 +6,7 @@ import pytest
 from graft_fixtures import build_tiny_model
 from recipe_toys import CharTokenizer, toy_examples
 
-import graftlm.eval
+import graftlm.eval.tasks
 from graftlm.adapters import LoRAConfig, attach_adapter, registered_graft_types
 from graftlm.recipes.batches import BatchPlan
 from graftlm.recipes.budget import lora_rank_for_budget
@@ -19,7 +19,8 @@ from graftlm.recipes.config import (
     parse_override_args,
     shipped_recipes,
 )
-from graftlm.recipes.data import IGNORE_INDEX, PaddingCollator, load_examples, read_jsonl, tokenize_examples
+from graftlm.recipes.data import IGNORE_INDEX, PaddingCollator, tokenize_examples
+from graftlm.recipes.sources import load_training_data
 
 MINIMAL = {"model": {"name": "tiny"}, "graft": {"type": "lora"}, "data": {"dataset": "d.jsonl"}}
 
@@ -105,42 +106,49 @@ def test_cli_bad_recipe_exits_2_naming_the_problem(tmp_path, capsys):
 def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c"}\n')
-    with pytest.raises(RecipeError, match=r"d.jsonl:3 needs string fields"):
-        read_jsonl(path)
+    recipe = build_recipe({**MINIMAL, "data": {"dataset": str(path), "n_eval": 0}})
+    with pytest.raises(RecipeError, match=r"data.answer_field: .*d.jsonl:3 has no field 'answer'; its fields: prompt"):
+        load_training_data(recipe.data)
+    path.write_text('{"prompt": "a", "answer": "b"}\n[1]\n')
+    with pytest.raises(RecipeError, match=r"d.jsonl:2 is not a JSON object"):
+        load_training_data(recipe.data)
 
 
 def test_jsonl_split_and_empty_dataset(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": f"a{i}"}) + "\n" for i in range(10)))
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": f" a{i}"}) + "\n" for i in range(10)))
     recipe = build_recipe({**MINIMAL, "data": {"dataset": str(path), "n_eval": 3}})
-    train, held_out = load_examples(recipe.data)
+    train, held_out = load_training_data(recipe.data)
     assert len(train) == 7 and len(held_out) == 3
     assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    assert {(e.completion, e.eos) for e in train} <= {(f" a{i}", True) for i in range(10)}
     path.write_text("")
     with pytest.raises(RecipeError, match="the training set is empty"):
-        load_examples(recipe.data)
+        load_training_data(recipe.data)
 
 
 def test_task_is_resolved_through_graftlm_eval(monkeypatch):
     made = {}
 
     class FakeTask:
+        answer_prefix = " "
+        stop_at_newline = True
+
         def examples(self, n, seed):
             return toy_examples(n)
 
-    def fake_get_task(name, **kwargs):
-        if name != "toy":
-            raise ValueError(f"unknown task {name!r}")
-        made.update(kwargs)
+    def fake_task(k=0):
+        made.update(k=k)
         return FakeTask()
 
-    monkeypatch.setattr(graftlm.eval, "get_task", fake_get_task, raising=False)
+    monkeypatch.setitem(graftlm.eval.tasks._REGISTRY, "toy", fake_task)
     recipe = build_recipe({**MINIMAL, "data": {"task": "toy", "task_kwargs": {"k": 2}, "n_train": 5, "n_eval": 2}})
-    train, held_out = load_examples(recipe.data)
+    train, held_out = load_training_data(recipe.data)
     assert (len(train), len(held_out), made) == (5, 2, {"k": 2})
+    assert train[0].prompt == toy_examples(1)[0].prompt and train[0].completion == " ok\n" and not train[0].eos
     recipe = build_recipe({**MINIMAL, "data": {"task": "nope"}})
     with pytest.raises(RecipeError, match="data.task: cannot make task 'nope'.*unknown task 'nope'"):
-        load_examples(recipe.data)
+        load_training_data(recipe.data)
 
 
 def test_tokenized_labels_cover_only_the_answer():

@@ -1,0 +1,105 @@
+"""`graftlm compare` end to end on a tiny model: the same examples for every system, budgets matched,
+variants scored, paired statistics, resume, and the JSON / markdown / PNG report."""
+
+import json
+
+import pytest
+from graft_fixtures import save_tiny_byte_model
+
+from graftlm.cli import main as graftlm_main
+from graftlm.compare import build_compare_spec, run_compare
+from graftlm.compare.spec import quick_overrides
+from graftlm.recipes.config import RecipeError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save_tiny_byte_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def spec_raw(model_dir, out):
+    return {
+        "name": "tiny compare",
+        "model": {"name": model_dir},
+        "data": {"task": "basic_arithmetic", "task_kwargs": {"difficulty": 2, "shots": 1}, "n_train": 24,
+                 "n_eval": 4, "max_length": 512},
+        "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "progress_bar": False, "log_every": 1},
+        "evals": [{"task": "basic_arithmetic", "task_kwargs": {"difficulty": 2, "shots": 1}, "n": 6,
+                   "batch_size": 3, "max_new_tokens": 3}],
+        "reference": "LoRA r=2",
+        "systems": [
+            {"name": "frozen base"},
+            {"name": "LoRA r=2", "graft": {"type": "lora", "r": 2}},
+            {"name": "SST", "graft": {"type": "sst"}, "train": {"lr": 3e-2},
+             "variants": {"exact prefill": {"prefill_mode": "exact"}}},
+            {"name": "LoRA, SST's budget", "graft": {"type": "lora", "target_modules": ["v_proj"]},
+             "budget_of": "SST"},
+        ],
+        "output_dir": str(out),
+    }
+
+
+def test_compare_runs_every_system_on_the_same_examples(tiny_dir, tmp_path):
+    spec = build_compare_spec(spec_raw(tiny_dir, tmp_path / "out"))
+    report = run_compare(spec, progress=False, command="graftlm compare tiny.yaml")
+    table = report["tables"][spec.evals[0].name]
+    rows = {row["system"]: row for row in table}
+    assert set(rows) == {"frozen base", "LoRA r=2", "SST", "SST [exact prefill]", "LoRA, SST's budget"}
+    assert rows["LoRA r=2"]["reference"] and "vs_reference" not in rows["LoRA r=2"]
+    for name, row in rows.items():
+        assert row["n"] == 6 and 0 <= row["ci"][0] <= row["accuracy"] <= row["ci"][1] <= 1
+        if name != "LoRA r=2":
+            assert 0 <= row["vs_reference"]["p"] <= 1 and row["vs_reference"]["test"] == "exact McNemar"
+    records = {r["system"]: r for r in report["records"]}
+    sst_params = records["SST"]["trainable_params"]
+    budget = records["LoRA, SST's budget"]
+    assert budget["grafts"][0]["r"] >= 1 and abs(budget["trainable_params"] - sst_params) <= 64 * 2 * 2
+    assert records["frozen base"]["trainable_params"] == 0 and records["frozen base"]["training"] is None
+    examples = {len(r["evals"][spec.evals[0].name]["correct"]) for r in report["records"]}
+    assert examples == {6}
+    assert report["data_info"]["train_examples"] + report["data_info"]["held_out_for_eval_loss"] <= 24
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text())["name"] == "tiny compare"
+    markdown = (out / "report.md").read_text()
+    assert "| LoRA, SST's budget |" in markdown and "graftlm compare tiny.yaml" in markdown and "Verdict" in markdown
+    assert (out / "report.png").stat().st_size > 0
+    assert (out / "sst" / "seed0" / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+    again = run_compare(spec, resume=True, progress=False)
+    assert [r["wall_s"] for r in again["records"]] == [r["wall_s"] for r in report["records"]]
+
+
+def test_spec_validation_names_each_problem(tiny_dir, tmp_path):
+    raw = spec_raw(tiny_dir, tmp_path)
+    raw["systems"][1]["train"] = {"steps": 50, "lr": 1e-2}
+    raw["systems"][2]["graft"] = {"type": "sst", "blend_nonsense": 1}
+    raw["systems"][3]["budget_of"] = "nobody"
+    raw["reference"] = "missing"
+    raw["bogus"] = 1
+    with pytest.raises(RecipeError) as info:
+        build_compare_spec(raw)
+    message = str(info.value)
+    assert "bogus: unknown key" in message
+    assert "systems.1.train.steps: a system may change only optimisation settings" in message
+    assert "budget_of: 'nobody' is not another trained system" in message
+    assert "reference: 'missing' is not a system" in message
+    assert "systems.SST: graft.blend_nonsense: unknown key" in message
+
+
+def test_quick_overrides_shrink_a_spec_but_keep_its_systems(tiny_dir, tmp_path):
+    raw = spec_raw(tiny_dir, tmp_path)
+    raw["train"]["steps"], raw["seeds"], raw["evals"][0]["n"] = 300, [0, 1, 2], 300
+    quick = build_compare_spec(quick_overrides(raw))
+    assert quick.train["steps"] == 2 and quick.seeds == [0] and quick.evals[0].n == 8
+    assert [s.name for s in quick.systems] == [s["name"] for s in raw["systems"]]
+
+
+def test_cli_dry_run_and_bad_spec_exit_codes(tiny_dir, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_raw(tiny_dir, tmp_path / "out")))
+    assert graftlm_main(["compare", str(path), "--dry-run", "--train.steps", "7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+    assert graftlm_main(["compare", str(path), "--dry-run", "--train.batch_size", "0"]) == 2
+    assert "train.batch_size: must be >= 1" in capsys.readouterr().err
