@@ -93,14 +93,14 @@ class LoRAConfig(GraftConfig):
 
     graft_type = "lora"
 
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    r: int = field(default=8, metadata={"help": "LoRA rank.", "min": 1})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r).", "gt": 0.0})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input.", "min": 0.0, "lt": 1.0})
     target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Names of the base model's Linear modules to adapt (peft target_modules)."},
+        metadata={"help": "Names of the base model's Linear modules to adapt (peft target_modules; a single name "
+                          "is a one-item list, not a regular expression).", "non_empty": True},
     )
-
 
 class LoRAGraft(Graft):
     """A graft whose only parameters are peft LoRA matrices inside the base model."""
