@@ -269,6 +269,8 @@ class AttractorGraft(Graft):
     graft per model: a second would share the cache attribute.
     """
 
+    supports_beam_search = False  # the head's KV cache on the generation cache is not reordered
+
     def __init__(self, config: AttractorConfig, base_model: nn.Module, patch):
         super().__init__(config, base_model, patch)
         self.head = AttractorHead(base_model.config.hidden_size, config)

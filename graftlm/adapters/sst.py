@@ -114,6 +114,8 @@ class _Run:
 class SSTGraft(Graft):
     """Blend weights ``blend_raw`` [L_g, d], gates ``gate`` [L_g], and a halting probe (buffers)."""
 
+    supports_beam_search = False  # the states on the cache are not reordered with the beams
+
     def __init__(self, config: SSTConfig, base_model: nn.Module, patch):
         super().__init__(config, base_model, patch)
         if not config.blend_min < config.blend_init < config.blend_max:
