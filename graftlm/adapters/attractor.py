@@ -133,7 +133,10 @@ class AttractorConfig(GraftConfig):
             raise self.error("gamma_init", f"must lie in (0, gamma_max={self.gamma_max}), got {self.gamma_init}")
         if self.min_iter > self.max_iter:
             raise self.error("min_iter", f"must be <= max_iter={self.max_iter}, got {self.min_iter}")
-        self.solver_config(0)  # the solver's own checks
+        try:
+            self.solver_config(0)  # the solver's own checks
+        except ValueError as err:
+            raise self.error("solver", str(err)) from None
 
     def solver_config(self, jacobian_samples: int = 0) -> FixedPointConfig:
         """The solver settings: this config's fields of the same names as `FixedPointConfig`'s."""

@@ -57,7 +57,8 @@ class GraftConfig:
     """Fields shared by every graft. Subclasses set ``graft_type`` and add their own fields.
 
     Every field carries ``metadata={"help": ...}`` like peft's configs, so ``graftlm`` can print them, and
-    its allowed range (module docstring); cross-field rules go in `validate`.
+    its allowed range (module docstring); cross-field rules go in `validate` (a subclass that still needs
+    ``__post_init__`` calls ``super().__post_init__()``).
     """
 
     graft_type: ClassVar[str] = ""

@@ -286,6 +286,7 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+
 def resolve_adapter_dir(path_or_repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
     """A local adapter directory, or a Hub repo id downloaded through ``huggingface_hub``."""
     local = Path(path_or_repo_id)

@@ -108,6 +108,7 @@ class LoRAConfig(GraftConfig):
                           "is a one-item list, not a regular expression).", "non_empty": True},
     )
 
+
 class LoRAGraft(Graft):
     """A graft whose only parameters are peft LoRA matrices inside the base model."""
 

@@ -244,6 +244,8 @@ class GraftModel(nn.Module):
         planned = [(directory, adapter_name)] if (directory / io.CONFIG_NAME).exists() else []
         planned += [(sub, check_adapter_name(sub.name, f"sub-adapter folder {sub}:"))
                     for sub in io.adapter_subdirectories(directory)]
+        if not planned:
+            raise FileNotFoundError(f"{directory} holds no {io.CONFIG_NAME}: not a graftlm adapter directory")
         names = [name for _, name in planned]
         taken = sorted({name for name in names if name in self.grafts or names.count(name) > 1})
         if taken:
