@@ -1,12 +1,25 @@
 """Grafts (one module each) and the shared attach/save/load machinery."""
 
 from graftlm.adapters.attractor import AttractorConfig
-from graftlm.adapters.config import GraftConfig, GraftConfigWarning
+from graftlm.adapters.config import GraftConfig, GraftConfigError, GraftConfigWarning
 from graftlm.adapters.echo import EchoConfig
 from graftlm.adapters.graft import Graft
-from graftlm.adapters.io import AdapterBaseMismatchError, AdapterTensorsError, NewerVersionWarning
+from graftlm.adapters.io import (
+    AdapterBaseMismatchError,
+    AdapterConfigError,
+    AdapterDtypeWarning,
+    AdapterTensorsError,
+    NewerVersionWarning,
+)
 from graftlm.adapters.lora import LoRAConfig
-from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, GraftModel, attach_adapter, trainable_state_dict
+from graftlm.adapters.model import (
+    DEFAULT_ADAPTER_NAME,
+    BaseAlreadyGraftedError,
+    GraftModel,
+    UnsupportedGenerationError,
+    attach_adapter,
+    trainable_state_dict,
+)
 from graftlm.adapters.range_search import RangeSearchConfig
 from graftlm.adapters.registry import (
     UnknownGraftTypeError,
@@ -19,11 +32,15 @@ from graftlm.adapters.sst import SSTConfig
 __all__ = [
     "DEFAULT_ADAPTER_NAME",
     "AdapterBaseMismatchError",
+    "AdapterConfigError",
+    "AdapterDtypeWarning",
     "AdapterTensorsError",
     "AttractorConfig",
+    "BaseAlreadyGraftedError",
     "EchoConfig",
     "Graft",
     "GraftConfig",
+    "GraftConfigError",
     "GraftConfigWarning",
     "GraftModel",
     "LoRAConfig",
@@ -31,6 +48,7 @@ __all__ = [
     "RangeSearchConfig",
     "SSTConfig",
     "UnknownGraftTypeError",
+    "UnsupportedGenerationError",
     "attach_adapter",
     "get_graft_type",
     "register_graft",

@@ -68,59 +68,75 @@ class AttractorConfig(GraftConfig):
 
     graft_type = "attractor"
 
-    n_fp_blocks: int = field(default=1, metadata={"help": "Blocks (attention + MLP) in the head's map g."})
-    attn_heads: int = field(default=4, metadata={"help": "Attention heads of each head block."})
-    attn_head_dim: int = field(default=32, metadata={"help": "Width of each attention head."})
-    mlp_hidden: int = field(default=256, metadata={"help": "MLP bottleneck width of each head block."})
+    n_fp_blocks: int = field(default=1, metadata={"help": "Blocks (attention + MLP) in the head's map g.", "min": 1})
+    attn_heads: int = field(default=4, metadata={"help": "Attention heads of each head block.", "min": 1})
+    attn_head_dim: int = field(default=32, metadata={"help": "Width of each attention head.", "min": 1})
+    mlp_hidden: int = field(default=256, metadata={"help": "MLP bottleneck width of each head block.", "min": 1})
     gamma_max: float = field(
-        default=1.0, metadata={"help": "Upper bound of the gates gamma_max * sigmoid(raw)."}
+        default=1.0, metadata={"help": "Upper bound of the gates gamma_max * sigmoid(raw).", "gt": 0.0}
     )
     gamma_init: float = field(
         default=0.1,
         metadata={
             "help": "Initial gate value (in (0, gamma_max)); the zero output projections "
-            "keep the fresh head exact."
+            "keep the fresh head exact.",
+            "gt": 0.0,
         },
     )
-    init_std: float = field(default=0.02, metadata={"help": "Std of the head's input projections at init."})
-    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the head's RMSNorms."})
+    init_std: float = field(
+        default=0.02, metadata={"help": "Std of the head's input projections at init.", "gt": 0.0}
+    )
+    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the head's RMSNorms.", "gt": 0.0})
     # -- solver (mirrors graftlm.kernels.fixed_point.FixedPointConfig) --
     solver: Literal["anderson", "picard"] = field(default="anderson", metadata={"help": "Forward solver."})
-    m: int = field(default=5, metadata={"help": "Anderson memory."})
-    beta: float = field(default=1.0, metadata={"help": "Anderson mixing."})
-    lam: float = field(default=1e-4, metadata={"help": "Anderson least-squares ridge (relative)."})
-    tol: float = field(default=1.5e-4, metadata={"help": "Relative-residual tolerance of the forward solve."})
-    min_iter: int = field(default=6, metadata={"help": "Fewest solver updates."})
-    max_iter: int = field(default=32, metadata={"help": "Most solver updates."})
+    m: int = field(default=5, metadata={"help": "Anderson memory.", "min": 1})
+    beta: float = field(default=1.0, metadata={"help": "Anderson mixing.", "gt": 0.0})
+    lam: float = field(default=1e-4, metadata={"help": "Anderson least-squares ridge (relative).", "min": 0.0})
+    tol: float = field(
+        default=1.5e-4,
+        metadata={"help": "Relative-residual tolerance of the forward solve (0: run max_iter).", "min": 0.0},
+    )
+    min_iter: int = field(default=6, metadata={"help": "Fewest solver updates (<= max_iter).", "min": 0})
+    max_iter: int = field(default=32, metadata={"help": "Most solver updates.", "min": 1})
     backward: Literal["one_step", "picard", "anderson"] = field(
         default="anderson", metadata={"help": "Adjoint mode of the implicit gradient."}
     )
-    adjoint_max_iter: int = field(default=32, metadata={"help": "Most updates of the adjoint solve."})
-    adjoint_tol: float = field(default=1e-5, metadata={"help": "Tolerance of the adjoint solve."})
+    adjoint_max_iter: int = field(
+        default=32, metadata={"help": "Most updates of the adjoint solve.", "min": 0}
+    )
+    adjoint_tol: float = field(default=1e-5, metadata={"help": "Tolerance of the adjoint solve.", "min": 0.0})
     adjoint_clip: float | None = field(
-        default=None, metadata={"help": "Clip each sequence's adjoint to ||u|| <= clip * ||v|| (None: off)."}
+        default=None,
+        metadata={"help": "Clip each sequence's adjoint to ||u|| <= clip * ||v|| (None: off).", "gt": 0.0},
     )
     jacobian_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the Jacobian regulariser (0: off; METHODS.md uses 1e-3)."}
+        default=0.0,
+        metadata={"help": "Weight of the Jacobian regulariser (0: off; METHODS.md uses 1e-3).", "min": 0.0},
     )
     jacobian_samples: int = field(
-        default=1, metadata={"help": "Hutchinson samples when the regulariser is on."}
+        default=1, metadata={"help": "Hutchinson samples when the regulariser is on.", "min": 1}
     )
     # -- optional LoRA on the backbone (equilibrium internalisation) --
     lora_r: int = field(
-        default=0, metadata={"help": "Rank of an optional peft LoRA on the backbone (0: off)."}
+        default=0, metadata={"help": "Rank of an optional peft LoRA on the backbone (0: off).", "min": 0}
     )
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r).", "gt": 0.0}
+    )
     lora_target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES), metadata={"help": "Modules LoRA adapts."}
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "Modules LoRA adapts (a single name is a one-item list).", "non_empty": True},
     )
 
-    def __post_init__(self):
-        if not 0.0 < self.gamma_init < self.gamma_max:
-            raise ValueError(f"gamma_init {self.gamma_init} must lie in (0, gamma_max={self.gamma_max})")
-        if self.n_fp_blocks < 1:
-            raise ValueError("n_fp_blocks must be >= 1")
-        self.solver_config(0)  # validates the solver fields
+    def validate(self) -> None:
+        if not self.gamma_init < self.gamma_max:
+            raise self.error("gamma_init", f"must lie in (0, gamma_max={self.gamma_max}), got {self.gamma_init}")
+        if self.min_iter > self.max_iter:
+            raise self.error("min_iter", f"must be <= max_iter={self.max_iter}, got {self.min_iter}")
+        try:
+            self.solver_config(0)  # the solver's own checks
+        except ValueError as err:
+            raise self.error("solver", str(err)) from None
 
     def solver_config(self, jacobian_samples: int = 0) -> FixedPointConfig:
         """The solver settings: this config's fields of the same names as `FixedPointConfig`'s."""
@@ -255,6 +271,8 @@ class AttractorGraft(Graft):
     the returned iterate), ``converged``, ``fallback``; and ``tokens`` (T of the chunk). One attractor
     graft per model: a second would share the cache attribute.
     """
+
+    supports_beam_search = False  # the head's KV cache on the generation cache is not reordered
 
     def __init__(self, config: AttractorConfig, base_model: nn.Module, patch):
         super().__init__(config, base_model, patch)

@@ -61,46 +61,43 @@ class EchoConfig(GraftConfig):
 
     mode: str = field(default="parallel", metadata={
         "help": "'parallel': frozen attention + Echo branch; 'replace': window attention + Echo branch "
-                "instead of the attention of target_layers (no KV cache beyond the window)."})
+                "instead of the attention of target_layers (no KV cache beyond the window).", "choices": MODES})
     num_heads: int | None = field(default=None, metadata={
-        "help": "Echo heads H per layer; None = the model's attention heads."})
-    rank: int = field(default=16, metadata={"help": "Key/query rank r per head (state is O(H r^2))."})
+        "help": "Echo heads H per layer; None = the model's attention heads.", "min": 1})
+    rank: int = field(default=16, metadata={"help": "Key/query rank r per head (state is O(H r^2)).", "min": 1})
     value_dim: int | None = field(default=None, metadata={
-        "help": "Value size P per head; None = the model's head_dim."})
+        "help": "Value size P per head; None = the model's head_dim.", "min": 1})
     power: int = field(default=2, metadata={
-        "help": "K, the power of the spectral Koopman filter (M G^-1)^K; 0 = plain ridge recall."})
+        "help": "K, the power of the spectral Koopman filter (M G^-1)^K; 0 = plain ridge recall.", "min": 0})
     chunk_size: int = field(default=64, metadata={
-        "help": "Chunk L: a token reads the statistics of the chunks before its own (train and decode)."})
-    eps: float = field(default=1e-3, metadata={"help": "Ridge eps added to G (keys have unit running max norm)."})
+        "help": "Chunk L: a token reads the statistics of the chunks before its own (train and decode).", "min": 1})
+    eps: float = field(default=1e-3, metadata={
+        "help": "Ridge eps added to G (keys have unit running max norm).", "gt": 0.0})
     stats_dtype: str = field(default="float64", metadata={
-        "help": "dtype of the running statistics and solves: 'float64' (default, robust) or 'float32'."})
+        "help": "dtype of the running statistics and solves: 'float64' (default, robust) or 'float32'.",
+        "choices": tuple(STATS_DTYPES)})
     window: int | None = field(default=None, metadata={
-        "help": "Replace mode: local attention window in tokens, the query's own included; None = chunk_size."})
+        "help": "Replace mode: local attention window in tokens, the query's own included; None = chunk_size.",
+        "min": 1})
     replace_ramp: float = field(default=1.0, metadata={
         "help": "Replace mode: out = (1 - ramp) full attention + ramp (window attention + Echo); schedule it "
-                "from 0 to 1 in training (graft.replace_ramp); generation holds only the window when 1."})
+                "from 0 to 1 in training (graft.replace_ramp); generation holds only the window when 1.",
+        "min": 0.0, "max": 1.0})
     distill_weight: float = field(default=0.0, metadata={
         "help": "Replace mode: weight of the MSE between each layer's window attention + Echo output and "
-                "its frozen full-attention output (LoLCATs); 0 = LM loss only."})
+                "its frozen full-attention output (LoLCATs); 0 = LM loss only.", "min": 0.0})
     ramp_fraction: float = field(default=0.0, metadata={
         "help": "Replace mode, recipes training: over this fraction of the steps the ramp rises linearly "
-                "from 0 to replace_ramp (Graft.on_train_step), then holds; 0 = replace_ramp throughout."})
+                "from 0 to replace_ramp (Graft.on_train_step), then holds; 0 = replace_ramp throughout.",
+        "min": 0.0, "max": 1.0})
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"EchoConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.stats_dtype not in STATS_DTYPES:
-            raise ValueError(f"EchoConfig.stats_dtype must be one of {list(STATS_DTYPES)}, got {self.stats_dtype!r}")
-        if self.rank < 1 or self.chunk_size < 1 or self.power < 0 or (self.window is not None and self.window < 1):
-            raise ValueError("EchoConfig needs rank >= 1, chunk_size >= 1, power >= 0, window >= 1")
-        if not 0.0 <= self.replace_ramp <= 1.0:
-            raise ValueError(f"EchoConfig.replace_ramp must be in [0, 1], got {self.replace_ramp}")
-        if self.distill_weight < 0 or (self.distill_weight > 0 and self.mode != "replace"):
-            raise ValueError("EchoConfig.distill_weight must be >= 0 and needs mode='replace' (in parallel mode "
-                             "the frozen attention output is already part of the layer's output)")
-        if not 0.0 <= self.ramp_fraction <= 1.0 or (self.ramp_fraction > 0 and self.mode != "replace"):
-            raise ValueError(f"EchoConfig.ramp_fraction must be in [0, 1] and needs mode='replace', got "
-                             f"{self.ramp_fraction} with mode={self.mode!r}")
+    def validate(self) -> None:
+        if self.distill_weight > 0 and self.mode != "replace":
+            raise self.error("distill_weight", "needs mode='replace' (in parallel mode the frozen attention output "
+                                               f"is already part of the layer's output), got {self.distill_weight}")
+        if self.ramp_fraction > 0 and self.mode != "replace":
+            raise self.error("ramp_fraction", f"needs mode='replace', got {self.ramp_fraction} with "
+                                              f"mode={self.mode!r}")
 
 
 class EchoBranch(nn.Module):

@@ -37,6 +37,9 @@ class Graft(nn.Module):
     """
 
     config_class: type[GraftConfig] = GraftConfig
+    #: False for a graft whose generation state is not reordered with the beams: `GraftModel.generate`
+    #: then refuses beam search while the graft is active.
+    supports_beam_search: bool = True
 
     def __init__(self, config: GraftConfig, base_model: nn.Module, patch: ArchitecturePatch):
         super().__init__()

@@ -45,6 +45,7 @@ class PeftLoRA:
             r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
             layers_to_transform=layers, bias="none",
         )
+        self._had_peft_config = "peft_config" in base_model.__dict__
         inject_adapter_in_model(peft_config, base_model, adapter_name=self.adapter_name)
 
     def tuner_layers(self) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -85,6 +86,11 @@ class PeftLoRA:
     def remove(self) -> None:
         for parent, child_name, layer in self.tuner_layers():
             setattr(parent, child_name, layer.get_base_layer())
+        configs = self.base_model.__dict__.get("peft_config")
+        if isinstance(configs, dict):  # the record peft's inject_adapter_in_model leaves on the base
+            configs.pop(self.adapter_name, None)
+            if not configs and not self._had_peft_config:
+                del self.base_model.__dict__["peft_config"]
 
 
 @dataclass
@@ -93,12 +99,13 @@ class LoRAConfig(GraftConfig):
 
     graft_type = "lora"
 
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    r: int = field(default=8, metadata={"help": "LoRA rank.", "min": 1})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r).", "gt": 0.0})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input.", "min": 0.0, "lt": 1.0})
     target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Names of the base model's Linear modules to adapt (peft target_modules)."},
+        metadata={"help": "Names of the base model's Linear modules to adapt (peft target_modules; a single name "
+                          "is a one-item list, not a regular expression).", "non_empty": True},
     )
 
 

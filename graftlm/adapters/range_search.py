@@ -87,46 +87,51 @@ class RangeSearchConfig(GraftConfig):
     budget: float = field(
         default=0.05,
         metadata={"help": "Fraction of a row's keys each query head keeps above tau (sinks and window come on "
-                          "top). >= 1 keeps every key (tau = -inf): decode then equals dense attention."},
+                          "top). >= 1 keeps every key (tau = -inf): decode then equals dense attention.",
+                  "gt": 0.0},
     )
     threshold: str = field(
         default="reservoir",
         metadata={"help": "How tau is set: 'reservoir' (quantile of a uniform key sample; fast, approximate "
-                          "budget) or 'budget' (exact top-budget from all scores; costs a dense score pass)."},
+                          "budget) or 'budget' (exact top-budget from all scores; costs a dense score pass).",
+                  "choices": THRESHOLD_MODES},
     )
     reservoir_size: int = field(
-        default=1024, metadata={"help": "Keys sampled per kv head for threshold='reservoir'."}
+        default=1024, metadata={"help": "Keys sampled per kv head for threshold='reservoir'.", "min": 1}
     )
-    n_subspaces: int = field(default=4, metadata={"help": "Subspaces S the head dimension is split into."})
-    leaf_size: int = field(default=4, metadata={"help": "Keys per leaf ball of the index."})
-    fanout: int = field(default=4, metadata={"help": "Children per inner node of the index tree."})
+    n_subspaces: int = field(
+        default=4, metadata={"help": "Subspaces S the head dimension is split into (at most head_dim).", "min": 1}
+    )
+    leaf_size: int = field(default=4, metadata={"help": "Keys per leaf ball of the index.", "min": 1})
+    fanout: int = field(default=4, metadata={"help": "Children per inner node of the index tree.", "min": 2})
     block_size: int = field(
-        default=256, metadata={"help": "Decode keys buffered before they are clustered into the index."}
+        default=256, metadata={"help": "Decode keys buffered before they are clustered into the index.", "min": 1}
     )
-    n_sink: int = field(default=4, metadata={"help": "First real tokens of each row always attended."})
-    window: int = field(default=256, metadata={"help": "Most recent positions always attended."})
+    n_sink: int = field(default=4, metadata={"help": "First real tokens of each row always attended.", "min": 0})
+    window: int = field(default=256, metadata={"help": "Most recent positions always attended.", "min": 0})
     min_keys: int = field(
-        default=1024, metadata={"help": "Decode steps over fewer keys than this stay dense."}
+        default=1024, metadata={"help": "Decode steps over fewer keys than this stay dense.", "min": 0}
     )
     backend: str = field(
         default="auto",
         metadata={"help": "'torch' (vectorised CPU path), 'triton' (GPU, or TRITON_INTERPRET=1), or 'auto' "
-                          "(triton on CUDA when importable, else torch)."},
+                          "(triton on CUDA when importable, else torch).",
+                  "choices": BACKENDS},
     )
     track_recall: bool = field(
         default=False,
         metadata={"help": "Record per step and layer the softmax mass captured and the fraction of keys kept "
                           "(costs a dense score pass; for evaluation only)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the key reservoir."})
+    seed: int = field(default=0, metadata={"help": "Seed of the key reservoir.", "min": 0})
 
-    def __post_init__(self) -> None:
-        if self.threshold not in THRESHOLD_MODES:
-            raise ValueError(f"threshold must be one of {THRESHOLD_MODES}, not {self.threshold!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
-        if not self.budget > 0:
-            raise ValueError(f"budget must be > 0, not {self.budget}")
+    def validate_for_model(self, model_config: Any) -> None:
+        super().validate_for_model(model_config)
+        head_dim = getattr(model_config, "head_dim", None) or (
+            model_config.hidden_size // model_config.num_attention_heads
+        )
+        if self.n_subspaces > head_dim:
+            raise self.error("n_subspaces", f"must be at most the model's head_dim={head_dim}, got {self.n_subspaces}")
 
 
 # -- the decode computation: pure tensor functions ------------------------------------------------------

@@ -56,9 +56,15 @@ class SSTConfig(GraftConfig):
 
     graft_type = "sst"
 
-    blend_min: float = field(default=0.015, metadata={"help": "Lower bound of the per-channel blend weight a."})
-    blend_max: float = field(default=0.10, metadata={"help": "Upper bound of the per-channel blend weight a."})
-    blend_init: float = field(default=0.03, metadata={"help": "Initial blend weight a (inside the bounds)."})
+    blend_min: float = field(
+        default=0.015, metadata={"help": "Lower bound of the per-channel blend weight a.", "min": 0.0, "lt": 1.0}
+    )
+    blend_max: float = field(
+        default=0.10, metadata={"help": "Upper bound of the per-channel blend weight a.", "gt": 0.0, "max": 1.0}
+    )
+    blend_init: float = field(
+        default=0.03, metadata={"help": "Initial blend weight a (strictly inside the bounds).", "gt": 0.0, "lt": 1.0}
+    )
     state_source: Literal["ffn_output", "residual"] = field(
         default="ffn_output",
         metadata={"help": "The new state: the FFN branch output f_t, or the layer output h_t + f_t."},
@@ -70,13 +76,25 @@ class SSTConfig(GraftConfig):
         default="two_pass", metadata={"help": "Forward used at inference for more than one token."}
     )
     max_deliberation: int = field(
-        default=4, metadata={"help": "Most repeats of the forward pass at the first answer position."}
+        default=4, metadata={"help": "Most repeats of the forward pass at the first answer position.", "min": 1}
     )
-    lora_r: int = field(default=0, metadata={"help": "Rank of an optional peft LoRA on the base (0: blend only)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_r: int = field(
+        default=0, metadata={"help": "Rank of an optional peft LoRA on the base (0: blend only).", "min": 0}
+    )
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r).", "gt": 0.0}
+    )
     lora_target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES), metadata={"help": "Modules LoRA adapts."}
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "Modules LoRA adapts (a single name is a one-item list).", "non_empty": True},
     )
+
+    def validate(self) -> None:
+        if not self.blend_min < self.blend_max:
+            raise self.error("blend_max", f"must be above blend_min={self.blend_min}, got {self.blend_max}")
+        if not self.blend_min < self.blend_init < self.blend_max:
+            raise self.error("blend_init", f"must lie strictly between blend_min={self.blend_min} and "
+                                           f"blend_max={self.blend_max}, got {self.blend_init}")
 
 
 class _Run:
@@ -95,6 +113,8 @@ class _Run:
 
 class SSTGraft(Graft):
     """Blend weights ``blend_raw`` [L_g, d], gates ``gate`` [L_g], and a halting probe (buffers)."""
+
+    supports_beam_search = False  # the states on the cache are not reordered with the beams
 
     def __init__(self, config: SSTConfig, base_model: nn.Module, patch):
         super().__init__(config, base_model, patch)

@@ -16,23 +16,29 @@ import argparse
 import json
 import sys
 
-from graftlm.recipes.config import RecipeError, load_recipe
+from graftlm.recipes.config import RecipeError, check_recipe_inputs, load_recipe
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``graftlm train``'s arguments; unknown ``--key value`` pairs are the recipe overrides."""
     parser.add_argument("recipe", help="recipe YAML file (see graftlm/recipes/configs/)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate the recipe (with overrides) and print it resolved; train nothing")
+                        help="validate the recipe (with overrides), its data files and task, and print it "
+                             "resolved; train nothing (the model is not loaded)")
     parser.epilog = "Overrides: --section.key value (e.g. --train.steps 50 --graft.r 16), after the recipe path."
     return parser
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Load, validate and run the recipe; a bad recipe prints its problems and returns 2."""
+    """Load, validate and run the recipe; a bad recipe (values, data files, task) prints its problems and
+    returns 2 before the model is loaded."""
     overrides = list(getattr(args, "overrides", None) or [])
     try:
         recipe = load_recipe(args.recipe, overrides)
+        try:
+            check_recipe_inputs(recipe)
+        except RecipeError as err:
+            raise RecipeError(f"recipe {args.recipe}: {err}") from None
         if args.dry_run:
             print(recipe.to_yaml(), end="")
             return 0

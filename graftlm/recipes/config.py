@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 import yaml
 
-from graftlm.adapters import GraftConfig, get_graft_type, registered_graft_types
-from graftlm.adapters.model import DEFAULT_ADAPTER_NAME
+from graftlm.adapters import GraftConfig, GraftConfigError, get_graft_type, registered_graft_types
+from graftlm.adapters.model import DEFAULT_ADAPTER_NAME, check_adapter_name
 
 
 class RecipeError(ValueError):
@@ -304,6 +304,34 @@ def build_recipe(raw: dict[str, Any]) -> Recipe:
     return Recipe(model=model, grafts=grafts, data=data, train=train, output_dir=output_dir, log_file=log_file)
 
 
+def check_recipe_inputs(recipe: Recipe) -> None:
+    """What a recipe names outside itself, checked without loading the model: the data files exist, the
+    task is registered and accepts its ``task_kwargs``, a resume checkpoint directory exists.
+
+    `build_recipe` checks the values; this checks the world (``graftlm train`` runs both, --dry-run too).
+    Raises `RecipeError` naming every problem.
+    """
+    problems = []
+    data = recipe.data
+    for name in ("dataset", "eval_dataset"):
+        path = getattr(data, name)
+        if path is not None and not Path(path).is_file():
+            problems.append(f"data.{name}: file {path} does not exist")
+    if data.task is not None:
+        import graftlm.eval as evaluation
+
+        try:
+            evaluation.get_task(data.task, **data.task_kwargs).examples(1, data.seed)
+        except (KeyError, ValueError, TypeError) as err:
+            message = err.args[0] if err.args else err
+            problems.append(f"data.task: cannot make task {data.task!r} with {data.task_kwargs}: {message}")
+    resume = recipe.train.resume_from
+    if resume is not None and resume != "latest" and not Path(resume).is_dir():
+        problems.append(f"train.resume_from: no checkpoint directory at {resume}")
+    if problems:
+        raise RecipeError("bad recipe:\n  " + "\n  ".join(problems))
+
+
 def _check_data(data: DataSection, problems: list[str]) -> None:
     if (data.task is None) == (data.dataset is None):
         problems.append("data: give exactly one of `task` (a graftlm.eval task name) or `dataset` (a .jsonl file "
@@ -369,9 +397,12 @@ def _build_section(cls: type, values: Any, where: str, problems: list[str]) -> A
             kwargs[name] = _coerce(values[name], hints[name], f"{where}.{name}", problems)
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             problems.append(f"{where}.{name}: missing")
+    if len(problems) > before:
+        return None
     try:
-        return cls(**kwargs) if len(problems) == before else None
-    except TypeError:
+        return cls(**kwargs)
+    except GraftConfigError as err:  # a graft config's own range and cross-field checks
+        problems.extend(f"{where}.{name}: {message}" if name else f"{where}: {message}" for name, message in err.problems)
         return None
 
 
@@ -427,6 +458,11 @@ def _build_graft(item: Any, where: str, index: int, failures: dict[str, str], pr
     config_class = get_graft_type(type_name).config_class
     default_name = DEFAULT_ADAPTER_NAME if index == 0 else type_name
     adapter_name = _coerce(item.get("adapter_name", default_name), str, f"{where}.adapter_name", problems)
+    if adapter_name is not None:
+        try:
+            check_adapter_name(adapter_name, f"{where}.adapter_name:")
+        except ValueError as err:
+            problems.append(str(err))
     fields = {k: v for k, v in item.items() if k not in ("type", "adapter_name")}
     config = _build_section(config_class, fields, where, problems)
     if config is None:

@@ -98,7 +98,9 @@ def test_cli_bad_recipe_exits_2_naming_the_problem(tmp_path, capsys):
     assert train_main([str(path)]) == 2
     assert "train.bogus: unknown key" in capsys.readouterr().err
     assert train_main([str(path), "--dry-run"]) == 2
-    path.write_text(json.dumps(MINIMAL))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
+    path.write_text(json.dumps({**MINIMAL, "data": {"dataset": str(data)}}))
     assert train_main([str(path), "--dry-run", "--train.steps", "7"]) == 0
     assert "steps: 7" in capsys.readouterr().out
 
