@@ -103,7 +103,8 @@ def build_report(spec: CompareSpec, records: list[dict], data_info: dict[str, An
     """The report of a compare run from its per-(system, seed) records."""
     rows = _rows_of(records)
     reference_name = spec.reference
-    training: dict[str, dict[str, Any]] = {}
+    training: dict[str, list[dict[str, Any]]] = {}
+    params = {record["system"]: record.get("trainable_params", 0) for record in records}
     for record in records:
         if record.get("training"):
             training.setdefault(record["system"], []).append(record["training"])
@@ -120,7 +121,7 @@ def build_report(spec: CompareSpec, records: list[dict], data_info: dict[str, An
             system = name.split(" [", 1)[0]
             runs = training.get(system, [])
             row.update(system=name, reference=name == reference_name,
-                       trainable_params=runs[0]["trainable_params"] if runs else 0,
+                       trainable_params=params.get(system, 0),
                        final_loss=_mean(r["final_loss"] for r in runs) if runs else None,
                        tokens_per_s=_mean(r["tokens_per_s"] for r in runs) if runs else None,
                        train_wall_s=_mean(r["wall_time_s"] for r in runs) if runs else None)

@@ -119,7 +119,13 @@ def run_system(spec: CompareSpec, system: SystemSpec, seed: int | None, eval_set
     base, tokenizer = load_base(spec)
     record: dict[str, Any] = {"system": system.name, "seed": seed, "training": None}
     model = base
-    if system.trained:
+    if system.untrained:
+        from graftlm.recipes.loop import attach_grafts
+
+        model = attach_grafts(base, spec.recipe(system, spec.seeds[0], out / "run"))
+        record["grafts"] = system.grafts
+        record["trainable_params"] = sum(p.numel() for p in model.graft_parameters())
+    elif system.trained:
         grafts = resolved_grafts(spec, system, base)
         recipe = spec.recipe(system, seed, out / "run", grafts)
         run = train(recipe, model=base, tokenizer=tokenizer, train_examples=train_texts, eval_examples=held_texts)
@@ -129,7 +135,9 @@ def run_system(spec: CompareSpec, system: SystemSpec, seed: int | None, eval_set
         record["training"] = {k: summary.get(k) for k in ("trainable_params", "final_loss", "final_eval_loss",
                                                           "tokens_per_s", "wall_time_s", "train_examples", "steps")}
         record["adapter_dir"] = summary.get("adapter_dir")
-    record["trainable_params"] = record["training"]["trainable_params"] if record["training"] else 0
+    if record["training"]:
+        record["trainable_params"] = record["training"]["trainable_params"]
+    record.setdefault("trainable_params", 0)
     record["evals"] = {s.spec.name: measure(model, tokenizer, s, progress) for s in eval_sets}
     record["variants"] = {}
     for name, fields in system.variants.items():

@@ -21,6 +21,7 @@
       - name: attractor
         graft: {type: attractor}
         variants: {"1 iteration": {min_iter: 1, max_iter: 1}}   # extra rows: config fields set at eval
+      - {name: window only, graft: {type: echo, mode: replace}, untrained: true}   # a fresh adapter, scored
 
 Fairness is enforced: every system trains on the same data, steps, batch size, accumulation and seeds; a
 system may change only optimisation settings (``SYSTEM_TRAIN_KEYS``). Every system's recipe is validated
@@ -52,7 +53,7 @@ from graftlm.recipes.config import (
 
 TOP_LEVEL_KEYS = {"name", "description", "model", "data", "train", "evals", "seeds", "reference", "systems",
                   "output_dir"}
-SYSTEM_KEYS = {"name", "graft", "train", "budget_of", "variants"}
+SYSTEM_KEYS = {"name", "graft", "train", "budget_of", "variants", "untrained"}
 SYSTEM_TRAIN_KEYS = {"lr", "weight_decay", "optimizer", "adam_betas", "warmup_steps", "schedule", "max_grad_norm",
                      "gradient_checkpointing"}
 EVAL_KEYS = {"name", "task", "task_kwargs", "perplexity", "n", "seed", "batch_size", "max_new_tokens",
@@ -81,17 +82,19 @@ class EvalSpec:
 
 @dataclass
 class SystemSpec:
-    """One system: a name, its grafts (none: the frozen base), optimisation overrides, a budget match."""
+    """One system: a name, its grafts (none: the frozen base), optimisation overrides, a budget match;
+    ``untrained``: the grafts are attached fresh and scored without training (a control)."""
 
     name: str
     grafts: list[dict[str, Any]] | None = None
     train: dict[str, Any] = field(default_factory=dict)
     budget_of: str | None = None
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    untrained: bool = False
 
     @property
     def trained(self) -> bool:
-        return self.grafts is not None
+        return self.grafts is not None and not self.untrained
 
     @property
     def slug(self) -> str:
@@ -215,11 +218,16 @@ def _build_systems(values: Any, problems: list[str]) -> list[SystemSpec]:
         if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
             problems.append(f"{where}.variants: must map a variant name to a mapping of config fields")
             variants = {}
+        untrained = _coerce(item.get("untrained", False), bool, f"{where}.untrained", problems)
         system = SystemSpec(name=str(item["name"]), grafts=grafts, train=dict(train),
-                            budget_of=item.get("budget_of"), variants={str(k): dict(v) for k, v in variants.items()})
-        if not system.trained and (system.train or system.budget_of or system.variants):
-            problems.append(f"{where}: a system without a graft is scored untrained; it takes no train, "
-                            f"budget_of or variants")
+                            budget_of=item.get("budget_of"), variants={str(k): dict(v) for k, v in variants.items()},
+                            untrained=bool(untrained))
+        if untrained and grafts is None:
+            problems.append(f"{where}.untrained: needs a graft to attach")
+        if not system.trained and (system.train or system.budget_of):
+            problems.append(f"{where}: an untrained system takes no train or budget_of")
+        if grafts is None and system.variants:
+            problems.append(f"{where}.variants: a system without a graft has no config fields to vary")
         systems.append(system)
     names = [s.name for s in systems]
     for name in {n for n in names if names.count(n) > 1}:
@@ -291,7 +299,7 @@ def _build_evals(values: Any, data: DataSection | None, problems: list[str]) -> 
 def _check_recipes(raw: dict[str, Any], systems: list[SystemSpec], seed: int, problems: list[str]) -> None:
     """Build every trained system's recipe once, so graft configs and train values are checked now."""
     for system in systems:
-        if not system.trained:
+        if system.grafts is None:
             continue
         grafts = system.grafts
         if system.budget_of is not None and grafts and isinstance(grafts[0], dict):

@@ -305,26 +305,16 @@ def build_recipe(raw: dict[str, Any]) -> Recipe:
 
 
 def check_recipe_inputs(recipe: Recipe) -> None:
-    """What a recipe names outside itself, checked without loading the model: the data files exist, the
-    task is registered and accepts its ``task_kwargs``, a resume checkpoint directory exists.
+    """What a recipe names outside itself, checked without loading the model: the data source loads and has
+    the fields the recipe names, or the task is registered and accepts its ``task_kwargs``; a resume
+    checkpoint directory exists.
 
     `build_recipe` checks the values; this checks the world (``graftlm train`` runs both, --dry-run too).
     Raises `RecipeError` naming every problem.
     """
-    problems = []
-    data = recipe.data
-    for name in ("dataset", "eval_dataset"):
-        path = getattr(data, name)
-        if path is not None and not Path(path).is_file():
-            problems.append(f"data.{name}: file {path} does not exist")
-    if data.task is not None:
-        import graftlm.eval as evaluation
+    from graftlm.recipes.sources import check_data_source
 
-        try:
-            evaluation.get_task(data.task, **data.task_kwargs).examples(1, data.seed)
-        except (KeyError, ValueError, TypeError) as err:
-            message = err.args[0] if err.args else err
-            problems.append(f"data.task: cannot make task {data.task!r} with {data.task_kwargs}: {message}")
+    problems = check_data_source(recipe.data)
     resume = recipe.train.resume_from
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         problems.append(f"train.resume_from: no checkpoint directory at {resume}")

@@ -80,11 +80,11 @@ def task_training_data(data: DataSection, tokenizer: Any = None) -> tuple[list[T
 
 
 # -- rows of files and datasets -------------------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """One JSON object per line (blank lines skipped); errors name the line."""
+def read_jsonl(path: str | Path, option: str = "dataset") -> list[dict[str, Any]]:
+    """One JSON object per line (blank lines skipped); errors name the line (and ``data.<option>``)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"data: dataset file {path} does not exist")
+        raise RecipeError(f"data.{option}: file {path} does not exist")
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -99,7 +99,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_datasets_source(source: str, config: str | None, data_files: list[str] | None):
+def _load_datasets_source(source: str, config: str | None, data_files: list[str] | None, option: str):
     import datasets
 
     path = Path(source)
@@ -109,18 +109,19 @@ def _load_datasets_source(source: str, config: str | None, data_files: list[str]
             return datasets.load_from_disk(str(path))
         return datasets.load_dataset(source, config, data_files=data_files)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds; the user needs the source named
-        raise RecipeError(f"data.dataset: cannot load {source!r} with datasets ({type(err).__name__}: {err})") from None
+        raise RecipeError(f"data.{option}: cannot load {source!r} with datasets ({type(err).__name__}: {err})") from None
 
 
-def read_split(source: str, split: str, data: DataSection, what: str = "split") -> list[dict[str, Any]]:
-    """The rows of ``split`` of a JSON-lines file (its only split) or a datasets source."""
+def read_split(source: str, split: str, data: DataSection, what: str = "split", option: str = "dataset"
+               ) -> list[dict[str, Any]]:
+    """The rows of ``split`` of a JSON-lines file (its only split) or a datasets source (``data.<option>``)."""
     if source.endswith(JSON_SUFFIXES) and Path(source).is_file():
         if split != "train":
             raise RecipeError(f"data.{what}: {source} is a JSON-lines file, which has only the split 'train'")
-        return read_jsonl(source)
+        return read_jsonl(source, option)
     if source.endswith(JSON_SUFFIXES) and not Path(source).exists() and not data.data_files:
-        raise RecipeError(f"data: dataset file {source} does not exist")
-    loaded = _load_datasets_source(source, data.dataset_config, data.data_files)
+        raise RecipeError(f"data.{option}: file {source} does not exist")
+    loaded = _load_datasets_source(source, data.dataset_config, data.data_files, option)
     if hasattr(loaded, "keys"):
         if split not in loaded:
             raise RecipeError(f"data.{what}: {split!r} is not a split of {source}; its splits: "
@@ -138,7 +139,7 @@ def load_rows(data: DataSection) -> tuple[list[dict], list[dict], str]:
     if data.eval_split is not None:
         return rows, read_split(source, data.eval_split, data, "eval_split"), f"dataset {source}"
     if data.eval_dataset is not None:
-        return rows, read_split(str(data.eval_dataset), data.split, data), f"dataset {source}"
+        return rows, read_split(str(data.eval_dataset), data.split, data, option="eval_dataset"), f"dataset {source}"
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(data.seed)).tolist()
     held_out = min(data.n_eval, len(rows) // 2)
     return [rows[i] for i in order[held_out:]], [rows[i] for i in order[:held_out]], f"dataset {source}"
@@ -156,13 +157,18 @@ def _field(row: dict, name: str, option: str, kind: type | tuple[type, ...] = st
     return value
 
 
-def render_messages(messages: list, tokenizer: Any, where: str) -> TrainingText:
-    """A chat as (everything up to the last assistant turn, that turn), rendered by the chat template."""
+def check_messages(messages: list, where: str) -> None:
+    """A chat must be {role, content} messages ending with the assistant's (the target)."""
     if not messages or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
         raise RecipeError(f"data.messages_field: {where} must be a list of {{role, content}} messages")
     if messages[-1]["role"] != "assistant":
         raise RecipeError(f"data.messages_field: {where}: the last message must be the assistant's (the target), "
                           f"got role {messages[-1]['role']!r}")
+
+
+def render_messages(messages: list, tokenizer: Any, where: str) -> TrainingText:
+    """A chat as (everything up to the last assistant turn, that turn), rendered by the chat template."""
+    check_messages(messages, where)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RecipeError("data.messages_field: the tokenizer has no chat template to render messages with")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
@@ -171,6 +177,34 @@ def render_messages(messages: list, tokenizer: Any, where: str) -> TrainingText:
         raise RecipeError(f"data.messages_field: {where}: the chat template renders the conversation without its "
                           f"generation prompt as a prefix, so the assistant's turn can't be cut out")
     return TrainingText(prompt, full[len(prompt):], add_special_tokens=False)
+
+
+def check_data_source(data: DataSection) -> list[str]:
+    """The problems of a recipe's data that show without the model or tokenizer: the task must exist and take
+    its kwargs; the dataset (and eval_dataset) must load and every row must have the fields named."""
+    if data.task is not None:
+        try:
+            make_task(data.task, data.task_kwargs).examples(1, data.seed)
+        except RecipeError as err:
+            return [str(err)]
+        return []
+    problems = [f"data.data_files: {f} does not exist" for f in data.data_files or []
+                if not any(ch in f for ch in "*?[") and not Path(f).exists()]
+    sources = [("dataset", str(data.dataset), data.split, "split")]
+    if data.eval_split is not None:
+        sources.append(("dataset", str(data.dataset), data.eval_split, "eval_split"))
+    if data.eval_dataset is not None:
+        sources.append(("eval_dataset", str(data.eval_dataset), data.split, "split"))
+    for option, source, split, what in sources:
+        try:
+            rows = read_split(source, split, data, what, option)
+            if data.messages_field is None:
+                rows_to_texts(rows, data, None, source)
+            for row in rows if data.messages_field is not None else []:
+                check_messages(_field(row, data.messages_field, "messages_field", list), row["_where"])
+        except RecipeError as err:
+            problems.append(str(err))
+    return problems
 
 
 def rows_to_texts(rows: list[dict], data: DataSection, tokenizer: Any, source: str) -> list[TrainingText]:

@@ -45,7 +45,9 @@ def test_a_good_recipe_passes(recipe_file, capsys):
     [
         ({"data": {"dataset": "/nowhere/train.jsonl"}}, [], "data.dataset: file /nowhere/train.jsonl does not exist"),
         ({"data": {"task": "chain_sum", "eval_dataset": "/nowhere/eval.jsonl"}}, [],
-         "data.eval_dataset: file /nowhere/eval.jsonl does not exist"),
+         "data.eval_dataset: set, but the data is a task"),
+        ({"data": {"dataset": "json", "data_files": ["/nowhere/d.json"]}}, [],
+         "data.data_files: /nowhere/d.json does not exist"),
         ({"data": {"task": "no_such_task"}}, [], ("data.task: cannot make task 'no_such_task' with {}: "
                                                   "unknown task 'no_such_task'; available:")),
         ({"data": {"task": "mqar", "task_kwargs": {"n_pairz": 3}}}, [],
