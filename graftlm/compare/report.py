@@ -127,12 +127,21 @@ def build_report(spec: CompareSpec, records: list[dict], data_info: dict[str, An
                        train_wall_s=_mean(r["wall_time_s"] for r in runs) if runs else None)
             table.append(row)
         tables[eval_spec.name] = table
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    for eval_spec in spec.evals:
+        pairs[eval_spec.name] = []
+        for first, second in spec.pairs:
+            a, b = rows.get(first, {}).get(eval_spec.name), rows.get(second, {}).get(eval_spec.name)
+            if not a or not b:
+                continue
+            row = _task_row(a, b) if eval_spec.kind == "task" else _perplexity_row(a, b)
+            pairs[eval_spec.name].append({"system": first, "versus": second, **row["vs_reference"]})
     return {
         "name": spec.name, "description": spec.description, "command": command, "model": spec.raw.get("model"),
         "data": spec.raw.get("data"), "train": spec.train, "seeds": spec.seeds, "reference": reference_name,
         "evals": [{"name": e.name, "kind": e.kind, "task": e.task, "task_kwargs": e.task_kwargs, "n": e.n,
                    "seed": e.seed} for e in spec.evals],
-        "data_info": data_info, "tables": tables, "records": records,
+        "data_info": data_info, "tables": tables, "pairs": pairs, "records": records,
         "date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "wall_s": round(wall_s, 1),
     }
 
@@ -188,6 +197,14 @@ def markdown(report: dict[str, Any]) -> str:
                 delta = f"{versus['difference_nll']:+.4f} {_interval(*versus['ci'], 4)}" if versus else "-"
                 lines.append(f"| {row['system']} | {row['trainable_params']:,} | {row['perplexity']:.3f} "
                              f"{_interval(*row['ci'], 2)} | {delta} | {_p(row)} |")
+        paired = report.get("pairs", {}).get(eval_info["name"])
+        if paired:
+            key = "difference" if eval_info["kind"] == "task" else "difference_nll"
+            lines += ["", "| paired comparison | difference [95% CI] | p | test |", "|---|---|---|---|"]
+            for row in paired:
+                mark = " *" if row["p"] < SIGNIFICANCE else ""
+                lines.append(f"| {row['system']} vs {row['versus']} | {row[key]:+.3f} {_interval(*row['ci'])} | "
+                             f"{row['p']:.3g}{mark} | {row['test']} |")
     lines += ["", verdicts(report)]
     return "\n".join(lines) + "\n"
 
@@ -197,20 +214,19 @@ def _fmt(value, spec: str) -> str:
 
 
 def verdicts(report: dict[str, Any]) -> str:
-    """One sentence per evaluation naming the differences from the reference that are significant."""
+    """One sentence per evaluation naming the significant differences: from the reference, and in pairs."""
     sentences = []
     for eval_info in report["evals"]:
-        found = []
-        for row in report["tables"][eval_info["name"]]:
-            versus = row.get("vs_reference")
-            if versus and versus["p"] < SIGNIFICANCE:
-                key = "difference" if eval_info["kind"] == "task" else "difference_nll"
-                found.append(f"{row['system']} ({versus[key]:+.3f}, p={versus['p']:.2g})")
+        key = "difference" if eval_info["kind"] == "task" else "difference_nll"
+        found = [f"{row['system']} vs {report['reference']} ({row['vs_reference'][key]:+.3f}, "
+                 f"p={row['vs_reference']['p']:.2g})"
+                 for row in report["tables"][eval_info["name"]]
+                 if row.get("vs_reference") and row["vs_reference"]["p"] < SIGNIFICANCE]
+        found += [f"{row['system']} vs {row['versus']} ({row[key]:+.3f}, p={row['p']:.2g})"
+                  for row in report.get("pairs", {}).get(eval_info["name"], []) if row["p"] < SIGNIFICANCE]
         what = "accuracy" if eval_info["kind"] == "task" else "NLL"
-        sentences.append(f"{eval_info['name']}: " + (f"significant {what} differences from {report['reference']}: "
-                                                     + "; ".join(found) if found else
-                                                     f"no system differs significantly from {report['reference']}")
-                         + ".")
+        sentences.append(f"{eval_info['name']}: " + (f"significant {what} differences: " + "; ".join(found)
+                                                     if found else "no difference is significant") + ".")
     return "Verdict (p < 0.05): " + " ".join(sentences)
 
 

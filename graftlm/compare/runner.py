@@ -22,7 +22,7 @@ import gc
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,8 @@ def config_overrides(graft_model, fields: dict[str, Any]) -> Iterator[None]:
 def fingerprint(spec: CompareSpec, system: SystemSpec, seed: int | None) -> str:
     """A hash of everything that determines a (system, seed) result."""
     raw = spec.raw
-    parts = {"model": raw.get("model"), "data": raw.get("data"), "train": raw.get("train"),
+    parts = {"model": raw.get("model"), "data": raw.get("data") if system.trained else None,
+             "train": raw.get("train") if system.trained else None,
              "evals": raw.get("evals"), "system": next((s for s in raw["systems"] if s.get("name") == system.name),
                                                         None), "seed": seed}
     if system.budget_of is not None:
@@ -111,15 +112,23 @@ def fingerprint(spec: CompareSpec, system: SystemSpec, seed: int | None) -> str:
 
 
 def run_system(spec: CompareSpec, system: SystemSpec, seed: int | None, eval_sets: Sequence[EvalSet],
-               train_texts, held_texts, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train (when it has grafts) and score one system at one training seed; returns its result record."""
+               train_texts, held_texts, out: Path, progress: bool = True,
+               on_model: Callable[[SystemSpec, Any, dict], None] | None = None) -> dict[str, Any]:
+    """Train (when it has grafts) and score one system at one training seed; returns its result record.
+    ``on_model(system, model, record)`` sees the trained model before it is freed (e.g. for extra checks)."""
     from graftlm.recipes.loop import train
 
     started = time.perf_counter()
     base, tokenizer = load_base(spec)
     record: dict[str, Any] = {"system": system.name, "seed": seed, "training": None}
     model = base
-    if system.untrained:
+    if system.adapter is not None:
+        from graftlm.adapters import attach_adapter
+
+        model = attach_adapter(base, system.adapter)
+        record["adapter_dir"] = system.adapter
+        record["trainable_params"] = sum(p.numel() for g in model.grafts.values() for p in g.all_parameters())
+    elif system.untrained:
         from graftlm.recipes.loop import attach_grafts
 
         model = attach_grafts(base, spec.recipe(system, spec.seeds[0], out / "run"))
@@ -144,17 +153,19 @@ def run_system(spec: CompareSpec, system: SystemSpec, seed: int | None, eval_set
         with config_overrides(model, fields):
             record["variants"][name] = {s.spec.name: measure(model, tokenizer, s, progress) for s in eval_sets}
     record["wall_s"] = time.perf_counter() - started
+    if on_model is not None:
+        on_model(system, model, record)
     del model, base
     gc.collect()
     return record
 
 
 def run_compare(spec: CompareSpec, out_dir: str | Path | None = None, resume: bool = False,
-                only: Sequence[str] | None = None, progress: bool = True, command: str | None = None
-                ) -> dict[str, Any]:
+                only: Sequence[str] | None = None, progress: bool = True, command: str | None = None,
+                on_model: Callable[[SystemSpec, Any, dict], None] | None = None) -> dict[str, Any]:
     """Run every system of ``spec`` (or those named in ``only``: the reference always runs too) and write
     the report (``command``: how to regenerate it, printed in the report); returns the report (see
-    `graftlm.compare.report.build_report`)."""
+    `graftlm.compare.report.build_report`). ``on_model``: see `run_system` (not called for resumed results)."""
     from graftlm.compare.report import build_report, write_report
 
     out = Path(out_dir or spec.output_dir)
@@ -180,7 +191,7 @@ def run_compare(spec: CompareSpec, out_dir: str | Path | None = None, resume: bo
                     records.append(saved)
                     continue
             print(f"[compare] {system.name} (seed {seed})", flush=True)
-            record = run_system(spec, system, seed, eval_sets, train_texts, held_texts, where, progress)
+            record = run_system(spec, system, seed, eval_sets, train_texts, held_texts, where, progress, on_model)
             record["fingerprint"] = key
             where.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, default=str) + "\n")

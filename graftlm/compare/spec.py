@@ -9,6 +9,7 @@
       - {name: held-out text, perplexity: {dataset: text, data_files: [a.txt], text_field: text}, n: 200}
     seeds: [0]                               # training seeds (several when a difference is small)
     reference: LoRA r=8                      # the system every paired test compares with
+    pairs: [[SST + LoRA r=8, LoRA r=8]]      # more paired tests (rows or "system [variant]" rows)
     systems:
       - {name: frozen base}                  # no graft: scored untrained
       - {name: LoRA r=8, graft: {type: lora, r: 8}}
@@ -22,6 +23,7 @@
         graft: {type: attractor}
         variants: {"1 iteration": {min_iter: 1, max_iter: 1}}   # extra rows: config fields set at eval
       - {name: window only, graft: {type: echo, mode: replace}, untrained: true}   # a fresh adapter, scored
+      - {name: shipped SST, adapter: graftlm/demo_adapters/sst}     # a saved adapter (dir or Hub id), scored
 
 Fairness is enforced: every system trains on the same data, steps, batch size, accumulation and seeds; a
 system may change only optimisation settings (``SYSTEM_TRAIN_KEYS``). Every system's recipe is validated
@@ -51,9 +53,9 @@ from graftlm.recipes.config import (
     parse_override_args,
 )
 
-TOP_LEVEL_KEYS = {"name", "description", "model", "data", "train", "evals", "seeds", "reference", "systems",
-                  "output_dir"}
-SYSTEM_KEYS = {"name", "graft", "train", "budget_of", "variants", "untrained"}
+TOP_LEVEL_KEYS = {"name", "description", "model", "data", "train", "evals", "seeds", "reference", "pairs",
+                  "systems", "output_dir"}
+SYSTEM_KEYS = {"name", "graft", "adapter", "train", "budget_of", "variants", "untrained"}
 SYSTEM_TRAIN_KEYS = {"lr", "weight_decay", "optimizer", "adam_betas", "warmup_steps", "schedule", "max_grad_norm",
                      "gradient_checkpointing"}
 EVAL_KEYS = {"name", "task", "task_kwargs", "perplexity", "n", "seed", "batch_size", "max_new_tokens",
@@ -83,10 +85,12 @@ class EvalSpec:
 @dataclass
 class SystemSpec:
     """One system: a name, its grafts (none: the frozen base), optimisation overrides, a budget match;
-    ``untrained``: the grafts are attached fresh and scored without training (a control)."""
+    ``untrained``: the grafts are attached fresh and scored without training (a control); ``adapter``: a
+    saved adapter (directory or Hub id) attached and scored without training."""
 
     name: str
     grafts: list[dict[str, Any]] | None = None
+    adapter: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     budget_of: str | None = None
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -95,6 +99,11 @@ class SystemSpec:
     @property
     def trained(self) -> bool:
         return self.grafts is not None and not self.untrained
+
+    @property
+    def grafted(self) -> bool:
+        """Whether the system carries grafts when it is scored (trained, fresh or loaded)."""
+        return self.grafts is not None or self.adapter is not None
 
     @property
     def slug(self) -> str:
@@ -110,6 +119,7 @@ class CompareSpec:
     evals: list[EvalSpec]
     systems: list[SystemSpec]
     reference: str
+    pairs: list[tuple[str, str]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     description: str = ""
     output_dir: str = "out/compare"
@@ -185,12 +195,13 @@ def build_compare_spec(raw: dict[str, Any]) -> CompareSpec:
                         str, "reference", problems)
     if systems and reference not in names:
         problems.append(f"reference: {reference!r} is not a system; systems: {', '.join(names)}")
+    pairs = _build_pairs(raw.get("pairs") or [], systems, problems)
     if model is not None and data is not None:
         _check_recipes(raw, systems, seeds[0], problems)
     if problems:
         raise RecipeError("bad compare spec:\n  " + "\n  ".join(problems))
     return CompareSpec(name=name, model=model, data=data, train=dict(train), evals=evals, systems=systems,
-                       reference=reference, seeds=seeds, description=str(raw.get("description", "")),
+                       reference=reference, pairs=pairs, seeds=seeds, description=str(raw.get("description", "")),
                        output_dir=str(raw.get("output_dir", f"out/compare/{slugify(name)}")), raw=raw)
 
 
@@ -219,14 +230,17 @@ def _build_systems(values: Any, problems: list[str]) -> list[SystemSpec]:
             problems.append(f"{where}.variants: must map a variant name to a mapping of config fields")
             variants = {}
         untrained = _coerce(item.get("untrained", False), bool, f"{where}.untrained", problems)
-        system = SystemSpec(name=str(item["name"]), grafts=grafts, train=dict(train),
+        adapter = _coerce(item.get("adapter"), str | None, f"{where}.adapter", problems)
+        system = SystemSpec(name=str(item["name"]), grafts=grafts, adapter=adapter, train=dict(train),
                             budget_of=item.get("budget_of"), variants={str(k): dict(v) for k, v in variants.items()},
                             untrained=bool(untrained))
+        if adapter is not None and grafts is not None:
+            problems.append(f"{where}: give `graft` (trained here) or `adapter` (a saved one), not both")
         if untrained and grafts is None:
             problems.append(f"{where}.untrained: needs a graft to attach")
         if not system.trained and (system.train or system.budget_of):
             problems.append(f"{where}: an untrained system takes no train or budget_of")
-        if grafts is None and system.variants:
+        if not system.grafted and system.variants:
             problems.append(f"{where}.variants: a system without a graft has no config fields to vary")
         systems.append(system)
     names = [s.name for s in systems]
@@ -246,6 +260,18 @@ def _build_systems(values: Any, problems: list[str]) -> list[SystemSpec]:
         elif "r" in system.grafts[0]:
             problems.append(f"systems.{system.name}: give `r` or `budget_of`, not both")
     return systems
+
+
+def _build_pairs(values: Any, systems: list[SystemSpec], problems: list[str]) -> list[tuple[str, str]]:
+    rows = {s.name for s in systems} | {f"{s.name} [{v}]" for s in systems for v in s.variants}
+    if not isinstance(values, list) or not all(isinstance(p, list) and len(p) == 2 for p in values):
+        problems.append("pairs: must be a list of [system, other system] pairs")
+        return []
+    for first, second in values:
+        for name in (first, second):
+            if name not in rows:
+                problems.append(f"pairs: {name!r} is not a system or 'system [variant]' row")
+    return [(str(a), str(b)) for a, b in values]
 
 
 def _build_evals(values: Any, data: DataSection | None, problems: list[str]) -> list[EvalSpec]:

@@ -27,6 +27,7 @@ def spec_raw(model_dir, out):
         "evals": [{"task": "basic_arithmetic", "task_kwargs": {"difficulty": 2, "shots": 1}, "n": 6,
                    "batch_size": 3, "max_new_tokens": 3}],
         "reference": "LoRA r=2",
+        "pairs": [["SST", "LoRA, SST's budget"], ["SST [exact prefill]", "SST"]],
         "systems": [
             {"name": "frozen base"},
             {"name": "LoRA r=2", "graft": {"type": "lora", "r": 2}},
@@ -63,10 +64,26 @@ def test_compare_runs_every_system_on_the_same_examples(tiny_dir, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| LoRA, SST's budget |" in markdown and "graftlm compare tiny.yaml" in markdown and "Verdict" in markdown
     assert (out / "report.png").stat().st_size > 0
+    pairs = report["pairs"][spec.evals[0].name]
+    assert [(p["system"], p["versus"]) for p in pairs] == [("SST", "LoRA, SST's budget"), ("SST [exact prefill]", "SST")]
+    assert all(0 <= p["p"] <= 1 and p["test"] == "exact McNemar" for p in pairs)
+    assert "| SST vs LoRA, SST's budget |" in markdown
     assert (out / "sst" / "seed0" / "run" / "adapter" / "adapter_model.safetensors").exists()
 
     again = run_compare(spec, resume=True, progress=False)
     assert [r["wall_s"] for r in again["records"]] == [r["wall_s"] for r in report["records"]]
+
+    saved = records["SST"]["adapter_dir"]
+    raw = spec_raw(tiny_dir, tmp_path / "loaded")
+    raw["systems"] = [{"name": "frozen base"}, {"name": "saved SST", "adapter": saved}]
+    raw["reference"] = "frozen base"
+    del raw["pairs"]
+    loaded = run_compare(build_compare_spec(raw), progress=False)
+    reloaded = {r["system"]: r for r in loaded["records"]}["saved SST"]
+    name = spec.evals[0].name
+    assert reloaded["evals"][name]["completions"] == records["SST"]["evals"][name]["completions"]
+    assert reloaded["evals"][name]["answer_nll"] == records["SST"]["evals"][name]["answer_nll"]
+    assert reloaded["trainable_params"] == sst_params
 
 
 def test_spec_validation_names_each_problem(tiny_dir, tmp_path):
