@@ -5,12 +5,12 @@ under autocast, and Echo's statistics keep their own dtype."""
 
 import pytest
 import torch
-from graft_fixtures import build_tiny_model
+from graft_fixtures import build_tiny_model, generation_cache, open_grafts
 
 import graftlm
 from graftlm.adapters.echo_cache import EchoCache
 from graftlm.dtype_policy import compute_dtype, full_precision, parameter_dtype, to_base
-from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
+from graftlm.patches.cache_kwarg import with_cache
 
 BF16 = torch.bfloat16
 FAMILIES = ["llama", "gemma3"]
@@ -46,14 +46,7 @@ def batch(length: int = 14, seed: int = 5):
 
 def prefill_and_decode(model, ids, mask, steps: int = 5) -> torch.Tensor:
     """Logits [B, steps, V] of greedy decode steps after a prefill, with the graft's own cache."""
-    kwargs = {"use_cache": True}
-    for graft in getattr(model, "grafts", {}).values():
-        kwargs = graft.prepare_generate_kwargs(kwargs)
-    cache = cache_from_kwargs(kwargs)
-    if cache is None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
+    cache = generation_cache(model)
     outputs = []
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, **with_cache({}, cache), use_cache=True).logits[:, -1:]
@@ -65,16 +58,6 @@ def prefill_and_decode(model, ids, mask, steps: int = 5) -> torch.Tensor:
     return torch.cat(outputs, dim=1)
 
 
-def opened(model):
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for graft in model.grafts.values():
-            for name, p in graft.named_parameters():
-                if "gate" in name:
-                    p.fill_(0.5)
-                elif not p.any():
-                    p.copy_(0.02 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 def test_policy_helpers():
@@ -121,7 +104,7 @@ def test_range_search_decode_keeping_every_key_matches_dense_in_bf16(family):
 @pytest.mark.parametrize("name", ["sst", "attractor", "echo", "lora"])
 def test_training_step_on_a_bf16_base_keeps_float32_parameters_and_gradients(family, name):
     ids, mask = batch()
-    model = opened(graftlm.attach_adapter(bf16_model(family), FRESH[name]()))
+    model = open_grafts(graftlm.attach_adapter(bf16_model(family), FRESH[name]()))
     model.train()
     graft = model.grafts["default"]
     terms = graft.training_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})
@@ -140,7 +123,7 @@ def test_attractor_solve_reaches_its_tolerance_in_float32(family, setting):
     """A bf16 map could not get its residual below ~4e-3; the head runs in float32 and gets below 1.5e-4."""
     ids, mask = batch()
     base = bf16_model(family) if setting == "bf16_base" else build_tiny_model(family)
-    model = opened(graftlm.attach_adapter(base, graftlm.AttractorConfig()))
+    model = open_grafts(graftlm.attach_adapter(base, graftlm.AttractorConfig()))
     graft = model.grafts["default"]
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=setting == "autocast"):
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -157,7 +140,7 @@ def test_attractor_solve_reaches_its_tolerance_in_float32(family, setting):
 @pytest.mark.parametrize("stats_dtype", ["float32", "float64"])
 def test_echo_statistics_keep_their_dtype_on_a_bf16_base_and_under_autocast(family, stats_dtype):
     ids, mask = batch()
-    model = opened(graftlm.attach_adapter(bf16_model(family), graftlm.EchoConfig(chunk_size=4,
+    model = open_grafts(graftlm.attach_adapter(bf16_model(family), graftlm.EchoConfig(chunk_size=4,
                                                                                   stats_dtype=stats_dtype)))
     graft = model.grafts["default"]
     cache = graft.make_cache()

@@ -15,10 +15,10 @@ stay on it and match the CPU run.
 
 import pytest
 import torch
-from graft_fixtures import build_tiny_model
+from graft_fixtures import build_tiny_model, generation_cache, open_grafts
 
 import graftlm
-from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
+from graftlm.patches.cache_kwarg import with_cache
 
 FAMILIES = ["llama", "gemma3"]
 CONFIGS = {
@@ -36,28 +36,8 @@ META_XFAIL = {
 }
 
 
-def opened(model):
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for graft in model.grafts.values():
-            for name, p in graft.named_parameters():
-                if "gate" in name:
-                    p.fill_(0.5)
-                elif not p.any():
-                    p.copy_(0.02 * torch.randn(p.shape, generator=generator))
-    return model
 
 
-def make_cache(model):
-    kwargs = {"use_cache": True}
-    for graft in model.grafts.values():
-        kwargs = graft.prepare_generate_kwargs(kwargs)
-    cache = cache_from_kwargs(kwargs)
-    if cache is None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-    return cache
 
 
 def inputs(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,8 +107,8 @@ def test_graft_makes_no_tensor_on_the_default_device(family, name):
     if name in META_XFAIL:
         pytest.xfail(META_XFAIL[name])
     torch.manual_seed(0)
-    model = opened(graftlm.attach_adapter(build_tiny_model(family), CONFIGS[name]()))
-    cache, data = make_cache(model), inputs("cpu")
+    model = open_grafts(graftlm.attach_adapter(build_tiny_model(family), CONFIGS[name]()))
+    cache, data = generation_cache(model), inputs("cpu")
     # Gemma 3's sliding cache layers (transformers') make a tensor on the default device at their first
     # update: prefill before the switch there; its training forward still runs the prefill path, uncached.
     logits = prefill(model, data, cache) if family == "gemma3" else None
@@ -146,11 +126,11 @@ def test_graft_makes_no_tensor_on_the_default_device(family, name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_graft_runs_on_cuda_with_its_caches_and_matches_the_cpu(family, name):
     torch.manual_seed(0)
-    cpu_model = opened(graftlm.attach_adapter(build_tiny_model(family), CONFIGS[name]()))
-    expected = run_graft(cpu_model, inputs("cpu"), make_cache(cpu_model))
+    cpu_model = open_grafts(graftlm.attach_adapter(build_tiny_model(family), CONFIGS[name]()))
+    expected = run_graft(cpu_model, inputs("cpu"), generation_cache(cpu_model))
     torch.manual_seed(0)
-    model = opened(graftlm.attach_adapter(build_tiny_model(family).to("cuda"), CONFIGS[name]()))
-    cache = make_cache(model)
+    model = open_grafts(graftlm.attach_adapter(build_tiny_model(family).to("cuda"), CONFIGS[name]()))
+    cache = generation_cache(model)
     results = run_graft(model, inputs("cuda"), cache)
     assert all(t.device.type == "cuda" for t in results.values())
     assert all(t.device.type == "cuda" for t in cache_tensors(cache) if t.numel() > 1)

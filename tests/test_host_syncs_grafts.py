@@ -11,12 +11,12 @@ base's syncs, measured alongside.
 
 import pytest
 import torch
-from graft_fixtures import build_tiny_model
+from graft_fixtures import build_tiny_model, generation_cache, open_grafts
 
 import graftlm
 from graftlm.adapters.attractor import AttractorGraft
 from graftlm.host_syncs import HostSyncCounter
-from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
+from graftlm.patches.cache_kwarg import with_cache
 
 FAMILIES = ["llama", "gemma3"]
 CONFIGS = {
@@ -37,34 +37,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def opened(model):
-    """Every graft's parameters moved off their exact-identity init (so nothing is skipped as closed)."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for graft in model.grafts.values():
-            for name, p in graft.named_parameters():
-                if "gate" in name:
-                    p.fill_(0.5)
-                elif not p.any():
-                    p.copy_(0.02 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 def grafted(family: str, name: str):
-    return opened(graftlm.attach_adapter(build_tiny_model(family), CONFIGS[name]()))
+    return open_grafts(graftlm.attach_adapter(build_tiny_model(family), CONFIGS[name]()))
 
 
 def decode_syncs(model, with_mask: bool = False):
     """Syncs counted over STEPS one-token forwards after a 24-token prefill; returns (counts, cache)."""
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-    kwargs = {"use_cache": True}
-    for graft in getattr(model, "grafts", {}).values():
-        kwargs = graft.prepare_generate_kwargs(kwargs)
-    cache = cache_from_kwargs(kwargs)
-    if cache is None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
+    cache = generation_cache(model)
     mask = torch.ones_like(ids)
     extra = lambda: {"attention_mask": mask} if with_mask else {}
     with torch.no_grad():
