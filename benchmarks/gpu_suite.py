@@ -9,8 +9,9 @@ Sections, each row measured in this run (ratios are side by side, never against 
   range search): a fresh adapter reproduces the base's logits bit for bit (``exact``); with its
   parameters opened (gates 0.5, zero tensors ~ N(0, 0.02)) one training step (forward, backward, AdamW)
   in ms and tokens/s, and greedy decode in ms per token after a prefill, against the base's decode
-  (``ratio`` = graft / base); host syncs per training step and per decode step, counted with
-  `graftlm.host_syncs.HostSyncCounter` on extra untimed steps. Range search has no parameters: decode only.
+  (``ratio`` = graft / base); host syncs per training step (forward + backward) and per decode step,
+  counted with `graftlm.host_syncs.HostSyncCounter` on extra untimed steps (the base's own are in its
+  row). Range search has no parameters: decode only.
 * ``triton``: range search's Triton kernels through their public functions against the PyTorch
   references (max abs error, time): ``range_search_attention_triton`` vs ``range_search_attention_ref``,
   ``gathered_attention`` over every key vs SDPA, and ``candidates(backend="triton")`` vs the torch
@@ -155,14 +156,19 @@ def guarded(section: str, case: str, measure) -> list[dict]:
 
 
 # -- section: grafts --------------------------------------------------------------------------------------
-def train_step(model, optimizer, batch) -> torch.Tensor:
+def forward_backward(model, batch) -> torch.Tensor:
     graft = next(iter(model.grafts.values()))
     terms = graft.training_loss(model, batch)
     loss = terms["loss"] if terms is not None else model(**batch).loss
     loss.backward()
+    return loss.detach()
+
+
+def train_step(model, optimizer, batch) -> torch.Tensor:
+    loss = forward_backward(model, batch)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 def decode_run(model, prompt: torch.Tensor, steps: int, clock: Clock, count_syncs: bool = False):
@@ -220,8 +226,9 @@ def train_values(model, parameters, batch, sizes: Sizes, clock: Clock) -> dict:
         if clock.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = [clock.ms(lambda: train_step(model, optimizer, batch)) for _ in range(sizes.reps)]
-        with HostSyncCounter() as syncs:
-            train_step(model, optimizer, batch)
+        with HostSyncCounter() as syncs:  # forward + backward: AdamW's per-parameter step.item() reads
+            forward_backward(model, batch)  # a CPU step counter (no device sync), which the counter can't tell
+        optimizer.zero_grad(set_to_none=True)
     finally:
         model.eval()
     step_ms = statistics.median(times)

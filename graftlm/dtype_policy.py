@@ -18,6 +18,12 @@ CPU. A graft keeps its own numbers in float32 whatever the base's dtype:
   bf16 regardless of their inputs' dtype; the float32 parts above run inside `full_precision`, which turns
   autocast off for them. The base's own layers still autocast.
 
+Per graft: SST blends in float32, its states are FFN outputs in the base's dtype; the Attractor's head,
+KV cache and solve are float32; Echo's projections and statistics are float32; LoRA's matrices are
+float32 (peft casts its output back); range search has no parameters and softmaxes its kept keys in
+float32, returning the attention output in the query's dtype. ``tests/test_dtype_policy.py`` checks all
+of it on a CPU in bf16, fresh-adapter exactness included.
+
 float64 is used only where a test shows it is needed and a device does it fast: the Anderson solver's
 n x n least squares (n <= m = 5, microseconds on any device) and the float64 inputs of float64 tests.
 """

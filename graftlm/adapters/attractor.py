@@ -37,6 +37,12 @@ Because attention is causal, the joint fixed point of a full forward restricted 
 prefix's fixed point, so prefill + token-by-token decode equals one full forward (up to the solver
 tolerance). Per-call iteration counts are appended to the cache (``cache_iterations``); in decode one
 call is one token. Beam search (cache reordering) is not supported.
+
+dtypes and host syncs (`graftlm.dtype_policy`): the head, its KV cache and the solve are float32 under
+a bf16 base (a bf16 map can't get its residual below ~4e-3, the tolerance is 1.5e-4), with autocast off;
+y* goes back to the base in its dtype. A decode step reads the device only for the solver's convergence
+checks, one per ``check_every`` updates after ``min_iter`` (``kernels/fixed_point/solvers.py``); whether
+the head is closed is read once per change of its output weights.
 """
 
 from __future__ import annotations

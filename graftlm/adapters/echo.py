@@ -30,6 +30,12 @@ Training: the LM loss, plus in replace mode an optional LoLCATs-style distillati
 ``distill_weight * mean_layers MSE(o_proj(window_attn) + echo(x), o_proj(full_attn).detach())`` through
 `EchoGraft.training_loss`. Generation: `EchoCache` (``echo_cache.py``), supplied by
 ``prepare_generate_kwargs``; batched generation with left padding is exact per row (see that module).
+
+dtypes and host syncs (`graftlm.dtype_policy`): the branch's parameters, projections and statistics are
+float32 (``stats_dtype``; Kahan-compensated decode sums) with autocast off, whatever the base's dtype;
+the branch's output is added in the base's dtype. No layer reads the device: the padding mask is read
+once per forward, before the layers run (only when a 2-D mask is passed), and decode knows on the host
+when a chunk starts.
 """
 
 from __future__ import annotations
