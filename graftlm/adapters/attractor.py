@@ -137,7 +137,7 @@ class AttractorConfig(GraftConfig):
     check_every: int = field(
         default=4,
         metadata={"help": "Solver: read 'all sequences stopped?' (a host sync) every check_every updates "
-                          "after min_iter; the results don't depend on it."},
+                          "after min_iter; the results don't depend on it.", "min": 1},
     )
 
     def validate(self) -> None:
