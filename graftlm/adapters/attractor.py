@@ -217,8 +217,8 @@ class AttractorBlock(nn.Module):
 
     def closed(self) -> bool:
         """True when both output projections are exactly zero. Reading that is a host sync, so the answer
-        is kept until either weight changes in place (its ``_version`` counter: optimizer steps, copies,
-        loads); decode with fixed weights reads it once."""
+        is kept until either weight changes (its ``_version`` counter and storage: optimizer steps, copies,
+        loads, moves; writes through ``.data`` bypass the counter); decode with fixed weights reads it once."""
         versions = (self.o_proj.weight._version, self.down_proj.weight._version,
                     self.o_proj.weight.data_ptr(), self.down_proj.weight.data_ptr())
         if getattr(self, "_closed_at", None) != versions:
