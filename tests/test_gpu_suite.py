@@ -31,5 +31,5 @@ def test_quick_suite_runs_every_section_on_a_cpu(tmp_path):
     for name in ("sst", "echo", "echo_replace", "lora"):
         assert grafts[name]["decode_syncs"] == "0", (name, grafts[name]["decode_syncs"])
         assert grafts[name]["train_ms"] > 0
-    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]  # every row says whether it passed
     assert "| case | ok |" in done.stdout
