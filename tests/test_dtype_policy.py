@@ -58,8 +58,6 @@ def prefill_and_decode(model, ids, mask, steps: int = 5) -> torch.Tensor:
     return torch.cat(outputs, dim=1)
 
 
-
-
 def test_policy_helpers():
     assert parameter_dtype(BF16) == parameter_dtype(torch.float16) == parameter_dtype(torch.float32) == torch.float32
     assert parameter_dtype(torch.float64) == torch.float64

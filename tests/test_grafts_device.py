@@ -36,10 +36,6 @@ META_XFAIL = {
 }
 
 
-
-
-
-
 def inputs(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [2, 12], a left-padded mask for generation and a right-padded one for training."""
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4)).to(device)

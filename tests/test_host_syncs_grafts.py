@@ -37,8 +37,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-
-
 def grafted(family: str, name: str):
     return open_grafts(graftlm.attach_adapter(build_tiny_model(family), CONFIGS[name]()))
 
