@@ -38,3 +38,30 @@ def test_sync_free_code_counts_nothing():
         x[:, 1:3] = 0.0
         x[torch.tensor([0, 2])]
     assert syncs.total == 0, syncs.counts
+
+
+class _ReadsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        bool(grad.sum() > 0)
+        grad.max().item()
+        grad.nonzero()
+        grad[grad > 0]
+        return 2 * grad
+
+
+def test_counts_syncs_inside_a_backward_pass():
+    x = torch.randn(5, requires_grad=True)
+    with HostSyncCounter() as syncs:
+        y = _ReadsInBackward.apply(x).exp().sum()
+        bool(y > 0)
+        y.backward()
+    assert dict(syncs.counts) == {"__bool__": 1, "backward_item": 2, "backward_nonzero": 1,
+                                  "backward_bool_mask_index": 1}
+    with HostSyncCounter() as syncs:
+        (x.exp() * 3).sum().backward()  # built-in backwards read nothing
+    assert syncs.total == 0, syncs.counts

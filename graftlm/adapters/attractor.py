@@ -37,6 +37,12 @@ Because attention is causal, the joint fixed point of a full forward restricted 
 prefix's fixed point, so prefill + token-by-token decode equals one full forward (up to the solver
 tolerance). Per-call iteration counts are appended to the cache (``cache_iterations``); in decode one
 call is one token. Beam search (cache reordering) is not supported.
+
+dtypes and host syncs (`graftlm.dtype_policy`): the head, its KV cache and the solve are float32 under
+a bf16 base (a bf16 map can't get its residual below ~4e-3, the tolerance is 1.5e-4), with autocast off;
+y* goes back to the base in its dtype. A decode step reads the device only for the solver's convergence
+checks, one per ``check_every`` updates after ``min_iter`` (``kernels/fixed_point/solvers.py``); whether
+the head is closed is read once per change of its output weights.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
-from graftlm.kernels.fixed_point import FixedPointConfig, fixed_point_solve, solve
+from graftlm.dtype_policy import full_precision, to_base
+from graftlm.kernels.fixed_point import FixedPointConfig, FixedPointInfo, fixed_point_solve, solve
 from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_from_output
 
 CACHE_ATTRIBUTE = "graftlm_attractor"
@@ -126,6 +133,11 @@ class AttractorConfig(GraftConfig):
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         metadata={"help": "Modules LoRA adapts (a single name is a one-item list).", "non_empty": True},
+    )
+    check_every: int = field(
+        default=4,
+        metadata={"help": "Solver: read 'all sequences stopped?' (a host sync) every check_every updates "
+                          "after min_iter; the results don't depend on it.", "min": 1},
     )
 
     def validate(self) -> None:
@@ -204,7 +216,17 @@ class AttractorBlock(nn.Module):
         return delta_attn + delta_mlp, h + delta_mlp, (k, v)
 
     def closed(self) -> bool:
-        return bool((self.o_proj.weight == 0).all()) and bool((self.down_proj.weight == 0).all())
+        """True when both output projections are exactly zero. Reading that is a host sync, so the answer
+        is kept until either weight changes (its ``_version`` counter and storage: optimizer steps, copies,
+        loads, moves; writes through ``.data`` bypass the counter); decode with fixed weights reads it once."""
+        versions = (self.o_proj.weight._version, self.down_proj.weight._version,
+                    self.o_proj.weight.data_ptr(), self.down_proj.weight.data_ptr())
+        if getattr(self, "_closed_at", None) != versions:
+            with torch.no_grad():
+                zero = torch.stack([self.o_proj.weight.abs().amax(), self.down_proj.weight.abs().amax()])
+                self._closed = bool((zero == 0).all())
+            self._closed_at = versions
+        return self._closed
 
 
 class AttractorHead(nn.Module):
@@ -278,6 +300,7 @@ class AttractorGraft(Graft):
         super().__init__(config, base_model, patch)
         self.head = AttractorHead(base_model.config.hidden_size, config)
         self.last_solve_info: dict[str, torch.Tensor] | None = None
+        self.last_fixed_point_info: FixedPointInfo | None = None  # of the last solve under grad
         self.last_jacobian_loss: torch.Tensor | None = None
         self._run: _Run | None = None
 
@@ -335,8 +358,7 @@ class AttractorGraft(Graft):
         need_grad = torch.is_grad_enabled() and (
             c.requires_grad or any(p.requires_grad for p in self.head.parameters())
         )
-        dtype = self.head.blocks[0].qkv_proj.weight.dtype
-        c_head = c.to(dtype)
+        c_head = c.to(self.head.blocks[0].qkv_proj.weight.dtype)  # float32 under a bf16 base (dtype_policy)
         key_valid = None
         if run.attention_mask is not None:
             key_valid = run.attention_mask[:, -(run.past_length + length) :].to(c.device)
@@ -345,12 +367,13 @@ class AttractorGraft(Graft):
         def g(y: torch.Tensor) -> torch.Tensor:
             return self.head(y, c_head, mask, past_kv)
 
-        y_star, info = self._solve(g, c_head, need_grad)
-        info["tokens"] = length
-        self.last_solve_info = info
-        if run.cache is not None or run.use_cache:
-            run.state = self._next_state(state, y_star, c_head, mask, past_kv, info, length)
-        return y_star.to(c.dtype) if y_star.dtype != c.dtype else y_star
+        with full_precision(c.device):  # autocast would run the head in bf16, short of the tolerance
+            y_star, info = self._solve(g, c_head, need_grad)
+            info["tokens"] = length
+            self.last_solve_info = info
+            if run.cache is not None or run.use_cache:
+                run.state = self._next_state(state, y_star, c_head, mask, past_kv, info, length)
+        return to_base(y_star, c)
 
     def _solve(self, g, c: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, dict[str, Any]]:
         """y* = g(y*) from y0 = c [B, T, d]: implicit gradients under grad, a no-grad solve otherwise."""
@@ -368,12 +391,13 @@ class AttractorGraft(Graft):
             if self.head.closed():  # stop at y0 = c exactly; the gradient still reaches the zero projections
                 solver_config.min_iter = 0
             y_star, fp_info = fixed_point_solve(g, c, solver_config)
+            self.last_fixed_point_info = fp_info  # its ``adjoint`` is filled in by the backward
             self.last_jacobian_loss = fp_info.jacobian_loss
             return y_star, _report(fp_info.forward)
         with torch.no_grad():
             y_star, solve_info = solve(
                 g, c, config.solver, tol=config.tol, min_iter=config.min_iter, max_iter=config.max_iter,
-                m=config.m, beta=config.beta, lam=config.lam,
+                m=config.m, beta=config.beta, lam=config.lam, check_every=config.check_every,
             )  # fmt: skip
         return y_star, _report(solve_info)
 
@@ -386,9 +410,7 @@ class AttractorGraft(Graft):
             record = [
                 (torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past_kv, record)
             ]
-        iterations = ([] if state is None else list(state["iterations"])) + [
-            info["iterations"].detach().cpu()
-        ]
+        iterations = ([] if state is None else list(state["iterations"])) + [info["iterations"].detach()]
         previous = 0 if state is None else state["length"]
         return {"kv": record, "length": previous + length, "iterations": iterations}
 
@@ -407,7 +429,8 @@ class AttractorGraft(Graft):
     # -- reporting --------------------------------------------------------------------------------------
     @staticmethod
     def cache_iterations(cache) -> list[torch.Tensor]:
-        """Per forward call on this cache (prefill, then one per decoded token): iterations [B]."""
+        """Per forward call on this cache (prefill, then one per decoded token): iterations [B], on the
+        model's device (kept there: copying each to the host would stall every decode step)."""
         state = getattr(cache, CACHE_ATTRIBUTE, None)
         return [] if state is None else list(state["iterations"])
 

@@ -30,6 +30,12 @@ Training: the LM loss, plus in replace mode an optional LoLCATs-style distillati
 ``distill_weight * mean_layers MSE(o_proj(window_attn) + echo(x), o_proj(full_attn).detach())`` through
 `EchoGraft.training_loss`. Generation: `EchoCache` (``echo_cache.py``), supplied by
 ``prepare_generate_kwargs``; batched generation with left padding is exact per row (see that module).
+
+dtypes and host syncs (`graftlm.dtype_policy`): the branch's parameters, projections and statistics are
+float32 (``stats_dtype``; Kahan-compensated decode sums) with autocast off, whatever the base's dtype;
+the branch's output is added in the base's dtype. No layer reads the device: the padding mask is read
+once per forward, before the layers run (only when a 2-D mask is passed), and decode knows on the host
+when a chunk starts.
 """
 
 from __future__ import annotations
@@ -44,9 +50,17 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from graftlm.adapters.config import GraftConfig
-from graftlm.adapters.echo_cache import EchoCache, EchoSettings, echo_continue, echo_prefill, echo_sequence
+from graftlm.adapters.echo_cache import (
+    EchoCache,
+    EchoSettings,
+    echo_continue,
+    echo_prefill,
+    echo_sequence,
+    only_trailing_padding,
+)
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.registry import register_graft
+from graftlm.dtype_policy import full_precision, to_base
 from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -73,8 +87,10 @@ class EchoConfig(GraftConfig):
         "help": "Chunk L: a token reads the statistics of the chunks before its own (train and decode).", "min": 1})
     eps: float = field(default=1e-3, metadata={
         "help": "Ridge eps added to G (keys have unit running max norm).", "gt": 0.0})
-    stats_dtype: str = field(default="float64", metadata={
-        "help": "dtype of the running statistics and solves: 'float64' (default, robust) or 'float32'.",
+    stats_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the running statistics and solves: 'float32' (default; Kahan-compensated decode "
+                "sums, within 2e-4 of float64 on 32k real hidden states: benchmarks/echo_stats_dtype.py) "
+                "or 'float64' (slow on most GPUs).",
         "choices": tuple(STATS_DTYPES)})
     window: int | None = field(default=None, metadata={
         "help": "Replace mode: local attention window in tokens, the query's own included; None = chunk_size.",
@@ -131,7 +147,9 @@ class ForwardContext:
     """What the decoder's forward was called with, read by the per-layer hooks of that forward (and of its
     gradient-checkpointing recompute, which re-runs the layers but not the decoder)."""
 
-    token_mask: torch.Tensor | None = None  # [B, past + T] bool, False = padding; None = no padding
+    token_mask: torch.Tensor | None = None  # [B, past + T] bool, False = padding; None = no mask given
+    chunk_padded: bool = False  # the forward's own T tokens include padding (read once per forward)
+    trailing_padding: bool = True  # ... and that padding only follows real tokens (right padding)
     past_length: int = 0
     distilling: bool = False
 
@@ -192,52 +210,68 @@ class EchoGraft(Graft):
         self.on_remove(undo)
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Once per forward, before any layer runs: whether this forward's own tokens include padding.
+        That is the only host read of the mask (a decode step under ``generate``, which passes a mask,
+        makes this one sync per step and none per layer; without a mask, none)."""
         mask = kwargs.get("attention_mask")
         cache = cache_from_kwargs(kwargs)
         token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        if token_mask is not None and bool(token_mask.all()):
-            token_mask = None
+        reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        length = reference.shape[1] if reference is not None else (args[0].shape[1] if args else None)
+        chunk_padded, interior = False, False
+        if token_mask is not None:
+            chunk = token_mask if length is None or length > token_mask.shape[1] else token_mask[:, -length:]
+            padded = ~chunk.all()
+            chunk_padded, interior = torch.stack([padded, padded & ~only_trailing_padding(chunk)]).tolist()
         self._context = ForwardContext(
             token_mask=token_mask,
+            chunk_padded=chunk_padded,
+            trailing_padding=not interior,
             past_length=cache.get_seq_length() if cache is not None else 0,
             distilling=self._distill_terms is not None,
         )
 
-    def _keep(self, length: int) -> torch.Tensor | None:
-        """Real-token mask [B, length] of the last ``length`` positions, or None when nothing is padded."""
+    def _keep(self, length: int, chunk: bool = True) -> torch.Tensor | None:
+        """Real-token mask [B, length] of the last ``length`` positions, or None when there is no padding
+        to apply. ``chunk``: the positions are this forward's own tokens (then None unless they include
+        padding); else they may include earlier ones (the window attention's keys), and the mask is
+        returned whenever one was given, without reading it on the host."""
         mask = self._context.token_mask
-        if mask is None:
+        if mask is None or (chunk and not self._context.chunk_padded):
             return None
         if mask.shape[1] < length:
             raise ValueError(f"attention_mask covers {mask.shape[1]} positions, the Echo graft needs {length}: "
                              "pass the mask of the whole sequence (past tokens included)")
-        keep = mask[:, -length:]
-        return None if bool(keep.all()) else keep
+        return mask[:, -length:]
 
     # -- the Echo branch -------------------------------------------------------------------------
     def _echo_output(self, index: int, x: torch.Tensor, cache: Any) -> torch.Tensor:
-        """W_o echo(x) for layer ``index``: x [B, T, d] -> [B, T, d] in x's dtype."""
+        """W_o echo(x) for layer ``index``: x [B, T, d] -> [B, T, d] in x's dtype. The branch computes in
+        float32 with autocast off (`graftlm.dtype_policy`), whatever the base's dtype."""
         branch = self.branches[str(index)]
         keep = self._keep(x.shape[1])
-        z, q, v = branch.project(x.to(branch.w_q.weight.dtype))
-        if keep is not None:  # padding adds nothing to the statistics
-            z, v = z * keep[:, None, :, None], v * keep[:, None, :, None]
         slot = cache.echo.get(index) if isinstance(cache, EchoCache) else None
-        if slot is None:
-            if self._context.past_length > 0:
-                raise RuntimeError(
-                    "the Echo graft continues a sequence only from an EchoCache (its state lives there): use "
-                    "GraftModel.generate, or pass graft.make_cache() as the cache")
-            y = echo_sequence(z, q, v, branch.gamma, branch.eta, keep, self.settings)
-        elif slot.state is None:
-            y, state, seen = echo_prefill(z, q, v, branch.gamma, branch.eta, keep, self.settings)
-            slot.update(state, seen)
-        else:
-            if keep is not None:
-                raise ValueError("Echo: padded tokens after the prefill are not supported")
-            y, state, seen = echo_continue(slot.state, slot.seen, z, q, v, branch.gamma, branch.eta)
-            slot.update(state, seen)
-        return branch.output(y).to(x.dtype)
+        if slot is None and self._context.past_length > 0:
+            raise RuntimeError(
+                "the Echo graft continues a sequence only from an EchoCache (its state lives there): use "
+                "GraftModel.generate, or pass graft.make_cache() as the cache")
+        if slot is not None and slot.state is not None and keep is not None:
+            raise ValueError("Echo: padded tokens after the prefill are not supported")
+        with full_precision(x.device):
+            z, q, v = branch.project(x.to(branch.w_q.weight.dtype))
+            if keep is not None:  # padding adds nothing to the statistics
+                z, v = z * keep[:, None, :, None], v * keep[:, None, :, None]
+            if slot is None:
+                y = echo_sequence(z, q, v, branch.gamma, branch.eta, keep, self.settings,
+                                  self._context.trailing_padding)
+            elif slot.state is None:
+                y, state, seen, phases = echo_prefill(z, q, v, branch.gamma, branch.eta, keep, self.settings)
+                slot.update(state, seen, phases)
+            else:
+                y, state, seen, phases = echo_continue(slot.state, slot.seen, z, q, v, branch.gamma, branch.eta,
+                                                       slot.phases)
+                slot.update(state, seen, phases)
+            return to_base(branch.output(y), x)
 
     def _make_attention_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: tuple):
@@ -264,9 +298,12 @@ class EchoGraft(Graft):
         teacher = attention.o_proj(flat(full)).detach()
         student = attention.o_proj(flat(window)) + echo_out
         keep = self._keep(echo_out.shape[1])
-        if keep is not None:
-            teacher, student = teacher[keep], student[keep]
-        term = F.mse_loss(student.float(), teacher.float())
+        if keep is None:
+            term = F.mse_loss(student.float(), teacher.float())
+        else:  # the mean over real tokens only, without indexing by the mask (a host sync)
+            weight = keep[..., None].float()
+            squared = (student.float() - teacher.float()).pow(2) * weight
+            term = squared.sum() / (weight.sum() * student.shape[-1]).clamp_min(1.0)
         # a gradient-checkpointing recompute redoes the same ops (torch checks) but the loss was already taken
         if self._distill_terms is not None:
             self._distill_terms.append(term)
@@ -312,7 +349,7 @@ class EchoGraft(Graft):
         """
         q_len, k_len = query.shape[2], key.shape[2]
         window = min(self.window, kwargs.get("sliding_window") or self.window)
-        keep = self._keep(k_len)
+        keep = self._keep(k_len, chunk=False)
         block = max(window, self.query_block)
         outputs = []
         for start in range(0, q_len, block):

@@ -5,8 +5,9 @@ Per grafted layer the cache holds an `EchoStateLayer` (modelled on transformers'
 a fixed-size recurrent state with no sequence dimension):
 
     state  EchoState  G [B, H, r, r], M [B, H, r, r], C [B, H, P, r], last key [B, H, r], key norm [B, H],
-                      held readout [B, H, P, r] (chunk size > 1)
+                      held readout [B, H, P, r] (chunk size > 1), compensation of G and M (float32)
     seen   [B] long   real (non-padding) tokens each row has absorbed
+    phases            the same counts on the host (a tuple of B ints), or None when unknown
 
 so ``H (2 r^2 + 2 P r + r + 1)`` floats per row and layer, constant in the sequence length. Layers whose
 attention the graft replaces (``mode="replace"``) keep their keys and values in an `EchoWindowLayer`:
@@ -22,6 +23,11 @@ left-padded row gives exactly the output of the same row unpadded. Rows then sit
 their chunks, so decode refreshes the held readout per row (when that row's ``seen`` reaches a chunk
 boundary) instead of on the shared ``EchoState.position``. Tokens after prefill are assumed real (as in
 ``generate``); a padded token in a continuation raises.
+
+Host syncs: which rows start a chunk at a decode step is known on the host (``phases``, set at prefill
+and advanced per token), so decode rebuilds the readout only at the steps where some row needs it and
+never reads a device value. After a beam reorder or row selection the phases are unknown, and every
+step then rebuilds the readout and picks it per row on the device (still no sync, more compute).
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ class EchoSettings:
 
 def map_state(state: EchoState, fn: Callable[[torch.Tensor], torch.Tensor]) -> EchoState:
     """Apply ``fn`` to every batch-leading tensor of ``state`` (reorder, select, repeat rows)."""
+    optional = lambda t: None if t is None else fn(t)
     return dataclasses.replace(
         state, gram=fn(state.gram), lag=fn(state.lag), cross=fn(state.cross), prev_key=fn(state.prev_key),
-        key_norm=fn(state.key_norm), readout=None if state.readout is None else fn(state.readout),
+        key_norm=fn(state.key_norm), readout=optional(state.readout), gram_carry=optional(state.gram_carry),
+        lag_carry=optional(state.lag_carry),
     )
 
 
@@ -63,13 +71,15 @@ def stack_states(states: list[EchoState]) -> EchoState:
     first = states[0]
     return dataclasses.replace(
         first, gram=cat("gram"), lag=cat("lag"), cross=cat("cross"), prev_key=cat("prev_key"),
-        key_norm=cat("key_norm"), readout=cat("readout"), position=max(s.position for s in states),
+        key_norm=cat("key_norm"), readout=cat("readout"), gram_carry=cat("gram_carry"), lag_carry=cat("lag_carry"),
+        position=max(s.position for s in states),
     )
 
 
-def only_trailing_padding(keep: torch.Tensor) -> bool:
-    """True when no real token follows a padded one in any row (right padding): keep [B, T] bool."""
-    return bool((keep[:, 1:] <= keep[:, :-1]).all())
+def only_trailing_padding(keep: torch.Tensor) -> torch.Tensor:
+    """True (a 0-dim bool tensor, on keep's device) when no real token follows a padded one in any row
+    (right padding): keep [B, T] bool."""
+    return (keep[:, 1:] <= keep[:, :-1]).all()
 
 
 def _echo_rows(z, q, v, gamma, eta, keep, settings: EchoSettings, with_state: bool):
@@ -94,14 +104,18 @@ def _echo_rows(z, q, v, gamma, eta, keep, settings: EchoSettings, with_state: bo
     return torch.cat(outputs, dim=0), states
 
 
-def echo_sequence(z, q, v, gamma, eta, keep: torch.Tensor | None, settings: EchoSettings) -> torch.Tensor:
+def echo_sequence(z, q, v, gamma, eta, keep: torch.Tensor | None, settings: EchoSettings,
+                  trailing_padding: bool | None = None) -> torch.Tensor:
     """Echo output of whole sequences from an empty state (training, or a forward without a cache).
 
     z, q: [B, H, T, r]; v: [B, H, T, P]; keep: [B, T] bool (False = padding) or None. Returns y [B, H, T, P].
     Right padding (pads only after real tokens) runs as one batch: causality keeps pads out of the real
-    tokens' outputs. Any other padding runs row by row (module doc).
+    tokens' outputs. Any other padding runs row by row (module doc). ``trailing_padding``: whether keep's
+    padding is right padding, when the caller already knows (else it is read here, a host sync).
     """
-    if keep is None or only_trailing_padding(keep):
+    if trailing_padding is None and keep is not None:
+        trailing_padding = bool(only_trailing_padding(keep))
+    if keep is None or trailing_padding:
         return echo_chunked(z, q, v, gamma, eta, power=settings.power, chunk_size=settings.chunk_size,
                             eps=settings.eps, stats_dtype=settings.stats_dtype)
     y, _ = _echo_rows(z, q, v, gamma, eta, keep, settings, with_state=False)
@@ -111,40 +125,47 @@ def echo_sequence(z, q, v, gamma, eta, keep: torch.Tensor | None, settings: Echo
 def echo_prefill(z, q, v, gamma, eta, keep: torch.Tensor | None, settings: EchoSettings):
     """First tokens of a sequence into an empty state. Shapes as `echo_sequence`.
 
-    Returns (y [B, H, T, P], EchoState, seen [B] long).
+    Returns (y [B, H, T, P], EchoState, seen [B] long, phases: the same counts as a tuple of ints).
     """
     batch, length = z.shape[0], z.shape[2]
     if keep is None:
         y, state = echo_chunked(z, q, v, gamma, eta, power=settings.power, chunk_size=settings.chunk_size,
                                 eps=settings.eps, stats_dtype=settings.stats_dtype, return_state=True)
-        return y, state, torch.full((batch,), length, dtype=torch.long, device=z.device)
+        return y, state, torch.full((batch,), length, dtype=torch.long, device=z.device), (length,) * batch
     y, states = _echo_rows(z, q, v, gamma, eta, keep, settings, with_state=True)
-    return y, stack_states(states), keep.sum(-1).to(torch.long)
+    seen = keep.sum(-1).to(torch.long)
+    return y, stack_states(states), seen, tuple(seen.tolist())  # a padded prefill reads its mask anyway
 
 
-def echo_continue(state: EchoState, seen: torch.Tensor, z, q, v, gamma, eta):
+def echo_continue(state: EchoState, seen: torch.Tensor, z, q, v, gamma, eta, phases: tuple[int, ...] | None):
     """Advance a prefilled state token by token (``echo_step``), refreshing each row's held readout when
-    that row's ``seen`` is at a chunk boundary. z, q: [B, H, T, r]; v: [B, H, T, P]; seen: [B].
+    that row's ``seen`` is at a chunk boundary. z, q: [B, H, T, r]; v: [B, H, T, P]; seen: [B];
+    ``phases``: ``seen`` on the host, or None (unknown: the readout is rebuilt every token).
 
-    Returns (y [B, H, T, P], new state, new seen).
+    Returns (y [B, H, T, P], new state, new seen, new phases). Makes no host sync.
     """
     outputs = []
     for t in range(z.shape[2]):
         position = state.position
         if state.chunk_size > 1:
-            refresh = seen % state.chunk_size == 0
+            starting = None if phases is None else [p % state.chunk_size == 0 for p in phases]
             readout = state.readout
-            if bool(refresh.any()):
+            if starting is None or any(starting):
                 fresh = readout_operator(state.gram, state.lag, state.cross, per_head(gamma, 2, state.gram),
                                          state.power, state.eps)
-                readout = torch.where(refresh.view(-1, 1, 1, 1), fresh, readout)
+                if starting is not None and all(starting):
+                    readout = fresh
+                else:
+                    refresh = seen % state.chunk_size == 0
+                    readout = torch.where(refresh.view(-1, 1, 1, 1), fresh, readout)
             # position 1 is mid-chunk for echo_step, so it reads through `readout` as given
             state = dataclasses.replace(state, readout=readout, position=1)
         y_t, state = echo_step(state, z[:, :, t], q[:, :, t], v[:, :, t], gamma, eta)
         state = dataclasses.replace(state, position=position + 1)
         seen = seen + 1
+        phases = None if phases is None else tuple(p + 1 for p in phases)
         outputs.append(y_t)
-    return torch.stack(outputs, dim=2), state, seen
+    return torch.stack(outputs, dim=2), state, seen, phases
 
 
 class EchoStateLayer:
@@ -153,29 +174,31 @@ class EchoStateLayer:
     def __init__(self) -> None:
         self.state: EchoState | None = None
         self.seen: torch.Tensor | None = None
+        self.phases: tuple[int, ...] | None = None  # ``seen`` on the host, when known
 
     @property
     def is_initialized(self) -> bool:
         return self.state is not None
 
-    def update(self, state: EchoState, seen: torch.Tensor) -> None:
-        self.state, self.seen = state, seen
+    def update(self, state: EchoState, seen: torch.Tensor, phases: tuple[int, ...] | None) -> None:
+        self.state, self.seen, self.phases = state, seen, phases
 
-    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], phases: tuple[int, ...] | None = None) -> None:
         if self.state is not None:
-            self.state, self.seen = map_state(self.state, fn), fn(self.seen)
+            self.state, self.seen, self.phases = map_state(self.state, fn), fn(self.seen), phases
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0))
+        phases = None if self.phases is None else tuple(p for p in self.phases for _ in range(repeats))
+        self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0), phases)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_rows(lambda x: x[indices])
 
     def reset(self) -> None:
-        self.state = self.seen = None
+        self.state = self.seen = self.phases = None
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors (0 before prefill)."""

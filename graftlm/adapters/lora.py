@@ -3,7 +3,9 @@
 ``LoRAConfig`` makes plain LoRA a graft like any other, so the recipes and eval treat "LoRA, same
 trainable-parameter budget" exactly as they treat SST or Attractor. Grafts that optionally train LoRA
 on the base too (SST's ``lora_r``, Attractor's backbone LoRA) call `PeftLoRA` the same way.
-LoRA's B matrices start at zero, so a fresh adapter reproduces the base logits exactly.
+LoRA's B matrices start at zero, so a fresh adapter reproduces the base logits exactly. The LoRA
+matrices are float32 on a bf16 base (`graftlm.dtype_policy`); peft computes the update in their dtype
+and casts the layer's output back to the base's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.registry import register_graft
+from graftlm.dtype_policy import parameter_dtype
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -47,6 +50,9 @@ class PeftLoRA:
         )
         self._had_peft_config = "peft_config" in base_model.__dict__
         inject_adapter_in_model(peft_config, base_model, adapter_name=self.adapter_name)
+        with torch.no_grad():  # float32 on a bf16 base (graftlm.dtype_policy); peft casts the output back
+            for parameter in self.parameters():
+                parameter.data = parameter.data.to(parameter_dtype(parameter.dtype))
 
     def tuner_layers(self) -> list[tuple[nn.Module, str, nn.Module]]:
         from peft.tuners.tuners_utils import BaseTunerLayer

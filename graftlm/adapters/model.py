@@ -16,6 +16,7 @@ from graftlm.adapters import io
 from graftlm.adapters.config import GraftConfig, GraftConfigError
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.registry import UnknownGraftTypeError, get_graft_type, graft_type_for_config
+from graftlm.dtype_policy import parameter_dtype
 from graftlm.patches import get_patch
 
 DEFAULT_ADAPTER_NAME = "default"
@@ -146,7 +147,7 @@ class GraftModel(nn.Module):
         config.validate_for_model(self.base_model.config)
         graft = graft_type.graft_class(config, self.base_model, self.patch)
         reference = next(self.base_model.parameters())
-        graft.to(device=reference.device)
+        graft.to(device=reference.device, dtype=parameter_dtype(reference.dtype))  # float32 on a bf16 base
         try:
             graft.install()
         except BaseException:

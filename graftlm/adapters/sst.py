@@ -28,6 +28,10 @@ Forward modes (the recurrence runs through the pretrained FFN, so it can't be a 
 Generation: the state lives on the transformers ``Cache`` object the model is called with
 (attribute ``graftlm_sst``: layer -> [B, d]), beside the KV cache; decode is the exact recurrence.
 Beam search (cache reordering) is not supported.
+
+dtypes (`graftlm.dtype_policy`): the blend weights and gates are float32; the blend is computed in
+float32 and handed to the FFN in the base's dtype; the states are FFN outputs, kept in the base's dtype.
+Decode makes no host syncs.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
+from graftlm.dtype_policy import to_base, to_graft
 from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
 CACHE_ATTRIBUTE = "graftlm_sst"
@@ -234,12 +239,12 @@ class SSTGraft(Graft):
                 run.residual_in[layer_index] = h
             if run.mode == "record":
                 return None
-            coefficient = self.blend_coefficients()[row].to(h.dtype)
+            coefficient = self.blend_coefficients()[row]
             if run.mode == "provided":
                 states = run.states.get(layer_index)
                 if states is None:
                     return None
-                return (h + coefficient * (states - h),) + args[1:]
+                return (blend(h, states, coefficient),) + args[1:]
             return (self._sequential_inputs(layer_index, h, coefficient, run),) + args[1:]
 
         return hook
@@ -251,7 +256,7 @@ class SSTGraft(Graft):
         mask = run.token_mask.to(h.dtype)
         inputs = []
         for t in range(h.shape[1]):
-            u_t = h[:, t] + coefficient * (state - h[:, t])
+            u_t = blend(h[:, t], state, coefficient)
             inputs.append(u_t)
             if t + 1 < h.shape[1]:
                 f_t = self._ffn_branch(layer_index, u_t[:, None])[:, 0]
@@ -303,6 +308,14 @@ class SSTGraft(Graft):
             yield
         finally:
             self.config.train_mode, self.config.prefill_mode = saved
+
+
+def blend(h: torch.Tensor, state: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """u = h + c (s - h) = (1 - c) h + c s, computed in float32 and returned in h's dtype
+    (`graftlm.dtype_policy`): h, state [..., d] in the base's dtype, coefficient [d] float32.
+    With c = 0 it is h bit for bit in any dtype."""
+    h32 = to_graft(h)
+    return to_base(h32 + coefficient * (to_graft(state) - h32), h)
 
 
 def _token_mask(attention_mask: Any, batch: int, length: int, device) -> torch.Tensor:

@@ -140,8 +140,9 @@ def evaluate_loss(graft_model: GraftModel, dataset, collator, batch_size: int, a
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad(), accelerator.autocast():
         for start in range(0, len(mine), batch_size):
-            batch = _to_device(_batch_of(dataset, mine[start : start + batch_size], collator), accelerator.device)
-            n = count_label_tokens(batch)
+            batch = _batch_of(dataset, mine[start : start + batch_size], collator)
+            n = count_label_tokens(batch)  # counted on the host batch: no device read
+            batch = _to_device(batch, accelerator.device)
             totals[0] += graft_model(**batch).loss.double() * n
             totals[1] += n
     totals = accelerator.reduce(totals, reduction="sum")
@@ -150,20 +151,24 @@ def evaluate_loss(graft_model: GraftModel, dataset, collator, batch_size: int, a
 
 
 class _Meter:
-    """Sums of a few quantities since the last log line, reduced over processes when read."""
+    """Sums of a few quantities since the last log line, reduced over processes when read.
+
+    Losses and logged terms stay on the device until `read` (one host sync per log line, not per step).
+    """
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.loss = 0.0
+        self.loss: torch.Tensor | float = 0.0
         self.steps = 0
         self.tokens = 0
         self.seconds = 0.0
-        self.extras: dict[str, float] = {}
+        self.extras: dict[str, torch.Tensor | float] = {}
 
-    def add_step(self, loss: float, tokens: int, seconds: float, extras: dict[str, float]) -> None:
-        self.loss += loss
+    def add_step(self, loss: torch.Tensor | float, tokens: int, seconds: float,
+                 extras: dict[str, torch.Tensor | float]) -> None:
+        self.loss = self.loss + loss
         self.steps += 1
         self.tokens += tokens
         self.seconds += seconds
@@ -172,15 +177,14 @@ class _Meter:
 
     def read(self, accelerator) -> dict[str, float]:
         keys = sorted(self.extras)
-        local = torch.tensor(
-            [self.loss / self.steps, float(self.tokens)] + [self.extras[k] / self.steps for k in keys],
-            dtype=torch.float64, device=accelerator.device,
-        )
-        total = accelerator.reduce(local, reduction="sum")
+        device = accelerator.device
+        parts = [self.loss / self.steps, float(self.tokens)] + [self.extras[k] / self.steps for k in keys]
+        local = torch.stack([torch.as_tensor(p, device=device).to(torch.float64).reshape(()) for p in parts])
+        total = accelerator.reduce(local, reduction="sum").tolist()
         processes = accelerator.num_processes
-        values = {"loss": float(total[0]) / processes, "tokens": int(total[1])}
+        values = {"loss": total[0] / processes, "tokens": int(total[1])}
         values["tokens_per_s"] = values["tokens"] / self.seconds if self.seconds > 0 else float("nan")
-        values.update({k: float(v) / processes for k, v in zip(keys, total[2:].tolist())})
+        values.update({k: v / processes for k, v in zip(keys, total[2:])})
         return values
 
 
@@ -191,8 +195,9 @@ def tokenize_data(texts: list[TrainingText], tokenizer: Any, recipe: Recipe, wha
     return tokenize_texts(texts, tokenizer, recipe.data.max_length, what)
 
 
-def _scalar(value: Any) -> float:
-    return float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
+def _detached(value: Any) -> torch.Tensor | float:
+    """A logged term as a device scalar (read later, with the others, by `_Meter.read`)."""
+    return value.detach().float() if isinstance(value, torch.Tensor) else float(value)
 
 
 def train(
@@ -280,9 +285,9 @@ def train(
         window_tokens = sum(count_label_tokens(b) for b in window)
         loss_sum, extras, seen = 0.0, {}, 0
         for batch in window:
-            batch = _to_device(batch, accelerator.device)
             share = count_label_tokens(batch) / window_tokens if window_tokens else 1 / len(window)
-            seen += int(batch["attention_mask"].sum())
+            seen += int(batch["attention_mask"].sum())  # host batches: no device read
+            batch = _to_device(batch, accelerator.device)
             with accelerator.accumulate(objective):
                 terms = objective(batch)
                 accelerator.backward(terms["loss"] * (share * len(window)))
@@ -290,10 +295,10 @@ def train(
                     accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            loss_sum += _scalar(terms["loss"]) * share
+            loss_sum = loss_sum + _detached(terms["loss"]) * share
             for key, value in terms.items():
                 if key != "loss":
-                    extras[key] = extras.get(key, 0.0) + _scalar(value) / len(window)
+                    extras[key] = extras.get(key, 0.0) + _detached(value) / len(window)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - step_started

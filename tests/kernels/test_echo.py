@@ -1,6 +1,8 @@
 """Echo recall state operator (graftlm/kernels/echo): one meaning across reference, chunked and recurrent
 paths, recall, the spectral bound, numerics on long or degenerate inputs, constant state size."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -205,18 +207,24 @@ def test_float32_inputs_match_float64_inputs():
     torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("stats_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("chunk_size", [1, 64])
-def test_state_size_is_constant_in_sequence_length(chunk_size):
+def test_state_size_is_constant_in_sequence_length(chunk_size, stats_dtype):
     heads, rank, value_dim = 3, 4, 5
     sizes = []
     for length in (5, 200):
         z, q, v = random_inputs(batch=1, heads=heads, length=length, rank=rank, value_dim=value_dim)
-        _, state = echo_recurrent(z, q, v, 1.2, chunk_size=chunk_size)
+        _, state = echo_recurrent(z, q, v, 1.2, chunk_size=chunk_size, stats_dtype=stats_dtype)
         sizes.append([tuple(t.shape) for t in state.tensors()])
-        assert sum(t.numel() for t in state.tensors()) == echo_state_numel(heads, rank, value_dim, chunk_size)
+        assert sum(t.numel() for t in state.tensors()) == echo_state_numel(heads, rank, value_dim, chunk_size,
+                                                                           stats_dtype)
     assert sizes[0] == sizes[1]
-    fresh = init_state(1, heads, rank, value_dim, chunk_size=chunk_size)
-    assert [tuple(t.shape) for t in fresh.tensors()] == sizes[0]
+    _, prefilled = echo_chunked(z, q, v, 1.2, chunk_size=chunk_size, stats_dtype=stats_dtype, return_state=True)
+    fresh = init_state(1, heads, rank, value_dim, chunk_size=chunk_size, stats_dtype=stats_dtype)
+    assert [tuple(t.shape) for t in fresh.tensors()] == [tuple(t.shape) for t in prefilled.tensors()] == sizes[0]
+    extra = 2 * heads * rank * rank if stats_dtype == torch.float32 else 0  # the Kahan carries of G and M
+    assert echo_state_numel(heads, rank, value_dim, chunk_size, stats_dtype) == echo_state_numel(
+        heads, rank, value_dim, chunk_size) + extra
     if chunk_size == 1:  # METHODS.md section 3: H (2 r^2 + P r + r + 1)
         methods_count = heads * (2 * rank**2 + value_dim * rank + rank + 1)
         assert echo_state_numel(heads, rank, value_dim, 1) == methods_count
@@ -236,3 +244,54 @@ def test_float32_statistics_agree_across_modes():
     recurrent, state = echo_recurrent(z, q, v, 1.2, chunk_size=8, stats_dtype=torch.float32)
     assert state.gram.dtype == torch.float32 and torch.isfinite(chunked).all()
     torch.testing.assert_close(recurrent, chunked, rtol=1e-3, atol=1e-3)
+
+
+def low_rank_keys(length: int, rank: int = 16, inner: int = 4, seed: int = 41):
+    """Keys in a 4-dimensional subspace of r = 16 (G is singular): the float32 sums' hard case."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 1, length, inner, generator=generator, dtype=F64) @ torch.randn(
+        inner, rank, generator=generator, dtype=F64)
+    q = z + 0.1 * torch.randn(z.shape, generator=generator, dtype=F64)
+    v = torch.randn(1, 1, length, 8, generator=generator, dtype=F64)
+    return z, q, v
+
+
+def test_compensated_float32_decode_tracks_float64():
+    """Kahan-compensated G and M keep float32 decode near float64 where plain float32 sums drift."""
+    z, q, v = low_rank_keys(3000)
+    _, reference = echo_recurrent(z, q, v, 1.2, chunk_size=64)
+    q_last = q[:, :, -1]
+
+    def readout_error(state):
+        def read(s, dtype):
+            readout = readout_operator(s.gram.to(dtype), s.lag.to(dtype), s.cross.to(dtype),
+                                       torch.tensor(1.2, dtype=dtype), 2, 1e-3)
+            return (readout @ q_last.to(dtype)[..., None]).double()
+        expected = read(reference, F64)
+        return ((read(state, torch.float32) - expected).norm() / expected.norm()).item()
+
+    _, compensated = echo_recurrent(z.float(), q.float(), v.float(), 1.2, chunk_size=64, stats_dtype=torch.float32)
+    plain_start = dataclasses.replace(init_state(1, 1, 16, 8, chunk_size=64, stats_dtype=torch.float32),
+                                      gram_carry=None, lag_carry=None)
+    _, plain = echo_recurrent(z.float(), q.float(), v.float(), 1.2, state=plain_start)
+    assert compensated.gram_carry is not None and plain.gram_carry is None
+    assert readout_error(compensated) < 2e-2
+    assert readout_error(plain) > 5 * readout_error(compensated)
+
+
+def test_rounding_left_indefinite_gram_gets_a_jitter_not_an_error():
+    from graftlm.kernels.echo.reference import ridge_cholesky
+
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(3)))
+    spectrum = torch.tensor([50.0, 10.0, 1.0, 0.1, 0.0, -2e-3])  # below -eps: G + eps I is indefinite
+    gram = torch.stack([basis @ torch.diag(spectrum) @ basis.T, basis @ torch.diag(spectrum.abs()) @ basis.T])
+    gram = ((gram + gram.mT) / 2).requires_grad_(True)
+    eye = torch.eye(6)
+    assert torch.linalg.cholesky_ex(gram[0].detach() + 1e-3 * eye).info > 0  # a plain factorization fails
+    chol = ridge_cholesky(gram, 1e-3)
+    assert torch.isfinite(chol).all()
+    torch.testing.assert_close(chol[1], torch.linalg.cholesky(gram[1] + 1e-3 * eye))  # PD: untouched
+    jitter = torch.finfo(torch.float32).eps ** 0.5 * gram[0].diagonal().abs().mean()
+    torch.testing.assert_close(chol[0] @ chol[0].T, gram[0] + (1e-3 + jitter) * eye, atol=1e-4, rtol=1e-4)
+    chol.sum().backward()
+    assert torch.isfinite(gram.grad).all()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.host_syncs import HostSyncCounter
 from graftlm.kernels.fixed_point import (
     FixedPointConfig,
     fixed_point_solve,
@@ -116,7 +117,7 @@ def test_per_sequence_reporting_and_freezing(method):
         return c + s * torch.tanh((y - c) @ w.T)
 
     with torch.no_grad():
-        y, info = solve(f, c + 0.5 * torch.randn_like(c), method, tol=1e-6, max_iter=300)
+        y, info = solve(f, c + 0.5 * torch.randn_like(c), method, tol=1e-6, max_iter=300, check_every=1)
     assert info.converged.all() and not info.fallback.any()
     fast, slow = info.iterations.tolist()
     assert fast < slow and fast <= 8
@@ -124,6 +125,35 @@ def test_per_sequence_reporting_and_freezing(method):
     assert info.residual[0] == info.trace[fast, 0]
     assert info.trace.shape == (info.evaluations, 2) and info.evaluations == slow + 1
     assert torch.allclose(y, c, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_checking_every_few_updates_changes_only_the_evaluation_count(method):
+    """Sequences of three speeds, one turning NaN: per-sequence results don't depend on check_every, and
+    the solve reads a device value (a host sync) only at k = min_iter, min_iter + check_every, ..."""
+    w = torch.randn(D, D)
+    w = w / torch.linalg.matrix_norm(w, 2)
+    c = torch.randn(4, T, D)
+    s = torch.tensor([0.05, 0.5, 0.9, 0.5]).view(4, 1, 1)
+
+    def f(y):
+        out = c + s * torch.tanh((y - c) @ w.T)
+        return torch.cat([out[:3], out[3:] * torch.where((y[3:] - c[3:]).abs().max() < 1e-3, torch.nan, 1.0)])
+
+    y0 = c + 0.5 * torch.randn_like(c)
+    with torch.no_grad():
+        y_ref, ref = solve(f, y0, method, tol=1e-6, min_iter=3, max_iter=300, check_every=1)
+    assert ref.converged[:3].all() and ref.fallback[3] and len(set(ref.iterations.tolist())) == 4
+    for every in (2, 5):
+        with torch.no_grad(), HostSyncCounter() as syncs:
+            y, info = solve(f, y0, method, tol=1e-6, min_iter=3, max_iter=300, check_every=every)
+        assert torch.equal(y, y_ref)
+        for name in ("iterations", "residual", "converged", "fallback"):
+            assert torch.equal(getattr(info, name), getattr(ref, name)), name
+        assert 0 <= info.evaluations - ref.evaluations < every
+        assert torch.equal(info.trace[:ref.evaluations], ref.trace)
+        checks = range(3, info.evaluations, every)  # k = 3, 3 + every, ... up to the last evaluation
+        assert dict(syncs.counts) == {"__bool__": len(checks)}
 
 
 @pytest.mark.parametrize("method", ["picard", "anderson"])

@@ -9,12 +9,13 @@ queries of the chunk through it. Cost O(T (r^2 + P r) + (T / L)(K r^3 + P r^2));
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .recurrent import EchoState
+from .recurrent import EchoState, compensated
 from .reference import (
     DEFAULT_CHUNK,
     DEFAULT_EPS,
@@ -82,4 +83,7 @@ def echo_chunked(z: torch.Tensor, q: torch.Tensor, v: torch.Tensor, gamma: float
         readout=held if chunk_size > 1 else None,
         position=length, power=power, chunk_size=chunk_size, eps=eps,
     )
+    if compensated(stats_dtype):  # decode continues the sums with Kahan compensation (recurrent.py)
+        state = dataclasses.replace(state, gram_carry=torch.zeros_like(state.gram),
+                                    lag_carry=torch.zeros_like(state.lag))
     return y, state

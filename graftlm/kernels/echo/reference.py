@@ -36,11 +36,13 @@ Decisions (shared by every path in this package)
   state count). It is causal per token (n_t includes z_t, never later keys), independent of chunking,
   and makes the operator invariant to rescaling the keys (z -> c z, c > 0), so eps is relative to unit-
   norm keys. Queries are not scaled (METHODS.md scales z only); W_q learns the query scale.
-* Numerics: statistics and the r x r solves are kept in ``stats_dtype`` (float64 by default). Token-by-
-  token float32 sums of nearly repeated unit keys (r = 16) were measured off by ~4e-3 in spectral norm
-  after 4k tokens and ~0.5 after 131k, above eps = 1e-3, so G + eps I could turn indefinite and the
-  whitening amplifies the error by 1/eps; float64 keeps such drift ~5e8 times smaller. Outputs are cast
-  back to the dtype of q. ``stats_dtype=torch.float32`` halves the state at that risk.
+* Numerics: statistics and the r x r solves are kept in ``stats_dtype``. Token-by-token float32 sums of
+  nearly repeated unit keys (r = 16) were measured off by ~4e-3 in spectral norm after 4k tokens and
+  ~0.5 after 131k, above eps = 1e-3, so G + eps I could turn indefinite and the whitening amplifies the
+  error by 1/eps. Below float64 the decode sums of G and M are therefore Kahan-compensated
+  (``recurrent.py``), and a matrix that rounding left indefinite is factored with a small jitter
+  (`ridge_cholesky`); ``benchmarks/echo_stats_dtype.py`` measures float32 against float64 on real
+  hidden states. Outputs are cast back to the dtype of q.
 * gamma and eta are scalars or per-head tensors [H]; gamma's clamp passes no gradient outside [1, 1.5].
 
 This file is brute force and readable: ``echo_reference`` rebuilds the statistics from scratch for every
@@ -83,9 +85,21 @@ def previous_keys(z_scaled: torch.Tensor) -> torch.Tensor:
 
 
 def ridge_cholesky(gram: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """Lower-triangular L with G + eps I = L L^T. gram: [..., r, r] -> [..., r, r]."""
+    """Lower-triangular L with G + eps I = L L^T. gram: [..., r, r] -> [..., r, r].
+
+    G is a sum of outer products, so G + eps I is positive definite, but rounding (long float32 sums of
+    nearly repeated keys) can leave a matrix indefinite. Such a matrix is factored with a jitter of
+    ``sqrt(unit roundoff) * mean diagonal`` added to eps instead (the rounding error is far below that),
+    chosen per matrix on the device: no host sync (``torch.linalg.cholesky`` would read its error flag
+    on the host, and raise).
+    """
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.cholesky(gram + eps * eye)
+    ridged = gram + eps * eye
+    with torch.no_grad():
+        _, info = torch.linalg.cholesky_ex(ridged)
+        jitter = torch.finfo(gram.dtype).eps ** 0.5 * gram.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+        jitter = torch.where(info == 0, torch.zeros_like(jitter), jitter)
+    return torch.linalg.cholesky_ex(ridged + jitter[..., None, None] * eye)[0]
 
 
 def whitened_operator(gram: torch.Tensor, lag: torch.Tensor, gamma: torch.Tensor, eps: float = DEFAULT_EPS):

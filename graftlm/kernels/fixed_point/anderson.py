@@ -52,9 +52,8 @@ class AndersonHistory:
         w, info = torch.linalg.solve_ex(gram + ridge[:, None, None] * eye, ones)
         alpha = (w / w.sum(1, keepdim=True)).squeeze(-1)  # [B, n]
         bad = (info != 0) | ~torch.isfinite(alpha).all(-1)
-        if bad.any():
-            latest = torch.zeros_like(alpha)
-            latest[:, (self.count - 1) % self.m] = 1.0
-            alpha = torch.where(bad[:, None], latest, alpha)
+        latest = torch.zeros_like(alpha)
+        latest[:, (self.count - 1) % self.m] = 1.0
+        alpha = torch.where(bad[:, None], latest, alpha)  # always applied: testing bad.any() would sync
         alpha = alpha.to(x.dtype).unsqueeze(1)  # [B, 1, n]
         return (torch.bmm(alpha, x) + beta * torch.bmm(alpha, g)).squeeze(1)

@@ -61,6 +61,13 @@ class FixedPointConfig:
             "info.jacobian_loss while training; 0 turns it off. Its weight (1e-3) is the caller's."
         },
     )
+    check_every: int = field(
+        default=4,
+        metadata={
+            "help": "Read 'have all sequences stopped?' (a host sync) only every check_every updates after "
+            "min_iter; results are the same for any value, a few frozen evaluations may be added."
+        },
+    )
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -69,7 +76,7 @@ class FixedPointConfig:
             raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         if not 0 <= self.min_iter <= self.max_iter:
             raise ValueError(f"need 0 <= min_iter <= max_iter, got {self.min_iter}, {self.max_iter}")
-        if self.m < 1 or self.adjoint_max_iter < 0 or self.jacobian_samples < 0:
-            raise ValueError("m must be >= 1; adjoint_max_iter and jacobian_samples >= 0")
+        if self.m < 1 or self.adjoint_max_iter < 0 or self.jacobian_samples < 0 or self.check_every < 1:
+            raise ValueError("m and check_every must be >= 1; adjoint_max_iter and jacobian_samples >= 0")
         if self.adjoint_clip is not None and self.adjoint_clip <= 0:
             raise ValueError(f"adjoint_clip must be positive or None, got {self.adjoint_clip}")

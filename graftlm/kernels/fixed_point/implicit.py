@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from graftlm.dtype_policy import full_precision
+
 from .config import FixedPointConfig
 from .solvers import Map, SolveInfo, solve
 
@@ -69,6 +71,7 @@ def fixed_point_solve(
             m=config.m,
             beta=config.beta,
             lam=config.lam,
+            check_every=config.check_every,
         )
     info = FixedPointInfo(forward=forward_info)
     if not torch.is_grad_enabled():
@@ -116,6 +119,10 @@ def _adjoint_solver(
         return torch.autograd.grad(fz, z, u, retain_graph=True, materialize_grads=True)[0]
 
     def adjoint(v: torch.Tensor) -> torch.Tensor:
+        with full_precision(v.device):  # the backward may run under the caller's autocast
+            return _adjoint(v)
+
+    def _adjoint(v: torch.Tensor) -> torch.Tensor:
         if config.backward == "one_step":
             u = v + vjp(v)
         else:
@@ -129,6 +136,7 @@ def _adjoint_solver(
                 m=config.m,
                 beta=config.beta,
                 lam=config.lam,
+                check_every=config.check_every,
             )
         if config.adjoint_clip is not None:
             u = clip_adjoint(u, v, config.adjoint_clip)

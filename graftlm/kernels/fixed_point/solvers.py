@@ -18,6 +18,12 @@ Decisions
   ``max_iter=0`` only measures the residual of y0.
 * Per-sequence freezing: a sequence that stopped keeps its state while the others iterate; f still runs
   on the whole batch (the closure may hold per-batch context), and the frozen rows are discarded.
+* Host syncs: whether every sequence has stopped is a device value, and reading it stalls a GPU. The
+  loop reads it only at k = min_iter, min_iter + check_every, ... (and ends at max_iter), so a solve
+  makes about (iterations - min_iter) / check_every + 1 host syncs. Between checks a batch whose
+  sequences have all stopped runs a few more evaluations on frozen rows; they change nothing, so every
+  per-sequence result (state, iterations, residual, converged, fallback) is the same for any
+  check_every, and only ``evaluations`` and the length of ``trace`` grow (by < check_every).
 * Safe fallback: every sequence returns its lowest-residual iterate among those with a finite residual
   (a converged sequence returns the iterate that met the tolerance). A sequence whose map value turns
   non-finite stops at once. ``fallback`` flags a sequence that did not converge and returns an earlier
@@ -88,16 +94,20 @@ def solve(
     m: int = 5,
     beta: float = 1.0,
     lam: float = 1e-4,
+    check_every: int = 4,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Solve y = f(y) from y0 [B, ...] by plain (Picard) iteration y_{k+1} = f(y_k) or Anderson
     acceleration (``anderson.py``; memory m, mixing beta, ridge lam). Returns (y*, info) with y* shaped
     and typed like y0, detached from any graph only if the caller runs it under ``torch.no_grad``.
-    Stopping, freezing and fallback are described in the module docstring.
+    Stopping, freezing, fallback and the host syncs (one per ``check_every`` updates) are described in
+    the module docstring.
     """
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}; expected one of {SOLVERS}")
     if not 0 <= min_iter <= max_iter:
         raise ValueError(f"need 0 <= min_iter <= max_iter, got {min_iter}, {max_iter}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     shape, dtype, batch = y0.shape, y0.dtype, y0.shape[0]
     work = torch.promote_types(dtype, torch.float32)
     y = y0.reshape(batch, -1).to(work)
@@ -129,7 +139,7 @@ def solve(
         converged |= done
         nonfinite |= active & ~finite
         active &= finite & ~done
-        if k == max_iter or not active.any():
+        if k == max_iter or (k >= min_iter and (k - min_iter) % check_every == 0 and not active.any()):
             break
         fy = torch.where(finite[:, None], fy, y)
         if history is None:
