@@ -71,8 +71,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "answer_loss.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"Frozen base, mean answer-token loss (nats), {args.task} difficulty {args.difficulty}, "
-             f"{args.n} training examples (seed 1), 3-shot prompts", "",
+    lines = [(f"Frozen base, mean answer-token loss (nats), {args.task} difficulty {args.difficulty}, "
+              f"{args.n} training examples (seed 1), 3-shot prompts"), "",
              "| model | target | mean | first token | last token (EOS / newline) | tokens per answer |",
              "|---|---|---|---|---|---|"]
     for name, rows in report["models"].items():
