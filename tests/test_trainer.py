@@ -2,6 +2,7 @@
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,7 @@ def test_the_forward_shows_the_base_signature_so_trainer_keeps_the_columns(token
     assert all(torch.equal(v, base_weights(model)[k]) for k, v in base_before.items())
     after = graft_weights(model)
     assert all(not torch.equal(v, after[k]) for k, v in grafts_before.items() if "lora_A" not in k)
+    assert "eval_loss" in trainer.evaluate(dataset)  # the Trainer finds "labels" on GraftModel.forward
     # Why GraftTrainer exists: the plain Trainer saves what it knows how to save for an unknown model class,
     # the whole state dict, frozen base included.
     trainer.save_model(str(tmp_path / "plain"))
@@ -110,6 +112,23 @@ def test_graft_trainer_saves_the_adapter_and_not_the_base(tokenizer, dataset, tm
                      data_collator=collator(tokenizer)).train()
         for key, value in graft_weights(plain).items():
             torch.testing.assert_close(trainer_weights[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_the_best_checkpoint_is_an_adapter_and_loads_back(tokenizer, dataset, tmp_path):
+    model = stacked_model(tokenizer)
+    args = arguments(tmp_path / "run", max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                     save_steps=2, load_best_model_at_end=True)
+    trainer = GraftTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                           data_collator=collator(tokenizer))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert trainer.state.best_metric == min(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
+    with torch.no_grad():
+        for p in model.graft_parameters():
+            p.add_(1.0)
+    trainer._load_best_model()
+    saved = load_file(best / "lora" / WEIGHTS_NAME)
+    assert all(torch.equal(saved[k], v) for k, v in model.grafts["lora"].adapter_state_dict().items())
 
 
 def test_resuming_from_an_adapter_checkpoint_matches_the_uninterrupted_run(tokenizer, dataset, tmp_path):

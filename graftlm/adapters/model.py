@@ -72,10 +72,13 @@ class GraftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, labels=None, **kwargs):
         """The base model's forward, with the grafts active. Bound per instance (`__init__`) so that
         ``inspect.signature(graft_model.forward)`` is the base's: `transformers.Trainer` keeps the dataset
-        columns that the forward's signature names, and would drop them all for ``(*args, **kwargs)``."""
+        columns that the forward's signature names, and would drop them all for ``(*args, **kwargs)``.
+        ``labels`` is named here because the Trainer finds its label columns on the class's signature."""
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -321,7 +324,8 @@ class GraftModel(nn.Module):
             if record["graft_type"] != graft.config.graft_type:
                 raise ValueError(f"{saved[name]} holds a {record['graft_type']!r} adapter, the attached {name!r} is "
                                  f"a {graft.config.graft_type!r} graft")
-            loaded[name] = io.tensors_for_graft(tensors, graft.adapter_state_dict(), str(saved[name] / io.WEIGHTS_NAME))
+            weights = str(saved[name] / io.WEIGHTS_NAME)
+            loaded[name] = io.tensors_for_graft(tensors, graft.adapter_state_dict(), weights)
         for name, tensors in loaded.items():
             self.grafts[name].load_adapter_state_dict(tensors)
 
