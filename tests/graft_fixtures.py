@@ -131,8 +131,37 @@ class AttnBiasGraft(Graft):
         return hook
 
 
+@dataclass
+class FFNScaleConfig(GraftConfig):
+    """Third test graft: scales the FFN output by (1 + s) per channel (zero init = exact base). On the same
+    module as `FFNBiasGraft` and not commuting with it, so the stacking order changes the logits."""
+
+    graft_type = "test_ffn_scale"
+
+
+class FFNScaleGraft(Graft):
+    def __init__(self, config, base_model, patch):
+        super().__init__(config, base_model, patch)
+        self.scale = nn.Parameter(torch.zeros(len(self.layer_indices), base_model.config.hidden_size))
+
+    def install(self):
+        layers = self.patch.decoder_layers(self.base_model)
+        for row, i in enumerate(self.layer_indices):
+            module = self.patch.ffn_output_module(layers[i])
+            self.add_hook(module.register_forward_hook(self._make_hook(row)))
+
+    def _make_hook(self, row):
+        def hook(module, args, output):
+            if not self.active:
+                return output
+            return output * (1 + self.scale[row])
+
+        return hook
+
+
 register_graft(FFNBiasConfig, FFNBiasGraft)
 register_graft(AttnBiasConfig, AttnBiasGraft)
+register_graft(FFNScaleConfig, FFNScaleGraft)
 
 
 def build_char_tokenizer():

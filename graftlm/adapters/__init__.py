@@ -9,6 +9,7 @@ from graftlm.adapters.io import (
     AdapterConfigError,
     AdapterDtypeWarning,
     AdapterTensorsError,
+    ModelCardWarning,
     NewerVersionWarning,
 )
 from graftlm.adapters.lora import LoRAConfig
@@ -44,6 +45,7 @@ __all__ = [
     "GraftConfigWarning",
     "GraftModel",
     "LoRAConfig",
+    "ModelCardWarning",
     "NewerVersionWarning",
     "RangeSearchConfig",
     "SSTConfig",

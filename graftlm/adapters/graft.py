@@ -37,6 +37,8 @@ class Graft(nn.Module):
     """
 
     config_class: type[GraftConfig] = GraftConfig
+    #: the prefix of the `attach_lora` tensors in `adapter_state_dict`
+    LORA_PREFIX = "lora."
     #: False for a graft whose generation state is not reordered with the beams: `GraftModel.generate`
     #: then refuses beam search while the graft is active.
     supports_beam_search: bool = True
@@ -108,14 +110,24 @@ class Graft(nn.Module):
         tensors of `attach_lora` under ``lora.<module path>``."""
         state = {k: v.detach() for k, v in self.state_dict().items()}
         if self.lora is not None:
-            state.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
+            state.update({self.LORA_PREFIX + k: v for k, v in self.lora.state_dict().items()})
         return state
+
+    def adapter_state_paths(self, graft_prefix: str, base_prefix: str) -> dict[str, str]:
+        """Each `adapter_state_dict` key -> its key in the state dict of a module that holds this graft at
+        ``graft_prefix`` and the base model at ``base_prefix`` (in a `GraftModel`: ``grafts.<name>.`` and
+        ``base_model.``), to pick the adapter out of a gathered full state dict (FSDP)."""
+        paths = {k: graft_prefix + k for k in self.state_dict()}
+        if self.lora is not None:
+            paths.update({self.LORA_PREFIX + k: base_prefix + path for k, path in self.lora.tensor_paths().items()})
+        return paths
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load saved tensors (names already checked against `adapter_state_dict` by the loader)."""
-        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("lora.")}, strict=True)
+        prefix = self.LORA_PREFIX
+        self.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)}, strict=True)
         if self.lora is not None:
-            self.lora.load_state_dict({k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")})
+            self.lora.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Adjust ``generate`` keyword arguments before generation (e.g. supply a graft-aware ``Cache``
@@ -146,6 +158,8 @@ class Graft(nn.Module):
         """Loss terms for one training batch, or None for the plain LM loss of ``model(**batch)``.
 
         Returns a dict with at least ``"loss"`` (the scalar to backpropagate); other entries are logged.
+        ``model`` is the `GraftModel`, or under ``graftlm.trainer.GraftTrainer`` with several processes the
+        DDP wrapper around it: call it (``model(**batch)``) rather than reading its attributes.
         """
         return None
 

@@ -7,15 +7,26 @@
                     "hidden_size": ..., "num_hidden_layers": ...}}
 
 ``adapter_model.safetensors`` holds only the graft's tensors. A stacked save puts the adapter named
-``default`` at the root and every other one in a sub-folder named after it. Saving is atomic
-(`write_adapters`); reading refuses, naming the file, anything it cannot use (`read_adapter`,
-`tensors_for_graft`).
+``default`` at the root and every other one in a sub-folder named after it. Every save records which
+adapters it holds, in their stacking order (hooks on one module run in attach order, so the order is
+part of the model), in ``graftlm_stack.json``::
+
+    {"graftlm_version": "0.1.0", "adapters": [{"name": "echo", "graft_type": "echo"},
+                                              {"name": "default", "graft_type": "sst"}]}
+
+Only the adapters listed there belong to the save: other sub-folders holding adapters (a Trainer's
+``checkpoint-N`` folders inside its output folder) are left alone by saves and loads.
+
+A save also writes the model card ``README.md`` (`graftlm.adapters.model_card`) unless the folder holds a
+README.md of the user's. Saving is atomic (`write_adapters`); reading refuses, naming the file, anything
+it cannot use (`read_adapter`, `tensors_for_graft`, `saved_adapters`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -29,9 +40,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from graftlm import __version__
+from graftlm.adapters.model_card import is_graftlm_card
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+STACK_NAME = "graftlm_stack.json"
+CARD_NAME = "README.md"
+DEFAULT_ADAPTER_NAME = "default"  # the adapter saved at the root of a folder; the others go in sub-folders
+ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 
 
 class AdapterBaseMismatchError(ValueError):
@@ -54,6 +70,25 @@ class AdapterDtypeWarning(UserWarning):
 
 class NewerVersionWarning(UserWarning):
     """The adapter was saved by a newer graftlm than the one loading it."""
+
+
+class ModelCardWarning(UserWarning):
+    """The folder holds a README.md that is not a graftlm model card: it was kept and no card written."""
+
+
+def check_adapter_name(name: object, where: str = "adapter_name") -> str:
+    """``name`` if it is a safe adapter name (it keys ``GraftModel.grafts`` and names a sub-folder of a save)."""
+    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{where} {name!r} is not a valid adapter name: use 1 to 64 letters, digits, '_' or '-', not starting "
+            f"with '-' (no dots, slashes or spaces: it keys GraftModel.grafts and names a sub-folder when saved)"
+        )
+    return name
+
+
+def adapter_folder(name: str) -> str:
+    """The sub-folder an adapter is saved in: ``""`` (the root) for ``default``, else its name."""
+    return "" if name == DEFAULT_ADAPTER_NAME else name
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -154,44 +189,81 @@ class AdapterRecord:
     tensors: dict[str, torch.Tensor]
 
 
-def write_adapters(directory: str | os.PathLike, adapters: dict[str, AdapterRecord], overwrite: bool = False) -> Path:
+def write_adapters(directory: str | os.PathLike, adapters: dict[str, AdapterRecord], overwrite: bool = False,
+                   card: str | None = None) -> Path:
     """Write adapters into ``directory`` as one atomic replacement of its adapter files.
 
-    ``adapters`` maps a folder to its adapter: ``""`` is the root, any other key a sub-folder of that name
-    (a stacked save). Everything is written into a temporary folder beside ``directory``, read back and
-    compared, and only then swapped in for ``directory`` (two renames), so a save that fails leaves what
-    was there unchanged and loadable, and the folder afterwards holds exactly these adapters: no stale
-    sub-adapter of an earlier save comes back. Files in ``directory`` that are not adapter files (a
-    README.md, a tokenizer) are kept. Without ``overwrite``, replacing an adapter of another graft type
-    or base, or dropping a saved adapter this save does not include, raises `FileExistsError` before
-    anything is written. Saved files get the usual permissions (umask), the folder keeps its own.
+    ``adapters`` maps adapter names to adapters, in attach order: ``default`` goes to the root, any other
+    name to a sub-folder of that name (a stacked save); ``graftlm_stack.json`` records the names in that
+    order. ``card`` (a model card) is written as ``README.md`` unless the folder holds a README.md that
+    is not a graftlm card: that one is kept, with a `ModelCardWarning` (``overwrite`` doesn't change that).
+
+    Everything is written into a temporary folder beside ``directory``, read back and compared, and only
+    then swapped in for ``directory`` (two renames), so a save that fails leaves what was there unchanged
+    and loadable, and the folder afterwards holds exactly these adapters: no stale sub-adapter of an
+    earlier save comes back. Everything in ``directory`` that is not part of the save there (a README.md
+    of the user's, a tokenizer, other folders) is kept. Without ``overwrite``, replacing an adapter of
+    another graft type or base, or dropping a saved adapter this save does not include, raises
+    `FileExistsError` before anything is written. Saved files get the usual permissions (umask), the
+    folder keeps its own.
     """
     target = Path(directory)
     if target.is_symlink():
         target = target.resolve()  # replace the folder the link points to, keep the link
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; refusing to save an adapter there")
+    folders = {adapter_folder(name): adapter for name, adapter in adapters.items()}
     if target.is_dir() and not overwrite:
-        _refuse_replacing(target, adapters)
+        _refuse_replacing(target, folders)
+    if card is not None and not _may_write_card(target):
+        warnings.warn(f"{target / CARD_NAME} is not a graftlm model card; kept it and wrote no card (add the "
+                      f"card yourself, or remove that README.md to get one)", ModelCardWarning, stacklevel=3)
+        card = None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.graftlm-save-", dir=target.parent))
     umask = _umask()
     try:
-        for folder, adapter in adapters.items():
+        for folder, adapter in folders.items():
             _write_one(staging / folder, adapter, file_mode=0o666 & ~umask)
-        for folder, adapter in adapters.items():
+        extras = {STACK_NAME: json.dumps(_stack_record(adapters), indent=2) + "\n", CARD_NAME: card}
+        for name, text in extras.items():
+            if text is not None:
+                (staging / name).write_text(text)
+                os.chmod(staging / name, 0o666 & ~umask)
+        for folder, adapter in folders.items():
             _verify_written(staging / folder, adapter)
+        if any((staging / name).read_text() != text for name, text in extras.items() if text is not None):
+            raise OSError(f"the files written to {staging} do not read back as written; nothing was saved")
         os.chmod(staging, stat.S_IMODE(target.stat().st_mode) if target.is_dir() else 0o777 & ~umask)
-        _swap_in(staging, target, new_folders={folder for folder in adapters if folder})
+        _swap_in(staging, target, _saved_entries(target) if target.is_dir() else set())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
-def _refuse_replacing(target: Path, adapters: dict[str, AdapterRecord]) -> None:
+def _stack_record(adapters: dict[str, AdapterRecord]) -> dict[str, Any]:
+    return {"graftlm_version": __version__,
+            "adapters": [{"name": name, "graft_type": adapter.graft_type} for name, adapter in adapters.items()]}
+
+
+def _may_write_card(target: Path) -> bool:
+    card = target / CARD_NAME
+    return not (card.exists() or card.is_symlink()) or _is_card_file(card)
+
+
+def _is_card_file(path: Path) -> bool:
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        return is_graftlm_card(path.read_text(errors="replace"))
+    except OSError:
+        return False
+
+
+def _refuse_replacing(target: Path, folders: dict[str, AdapterRecord]) -> None:
     """Raise `FileExistsError` when the save would replace or drop something saved that it should not."""
-    for folder, adapter in adapters.items():
+    for folder, adapter in folders.items():
         where = target / folder
         config_path = where / CONFIG_NAME
         if folder and where.exists() and not config_path.exists():
@@ -212,9 +284,13 @@ def _refuse_replacing(target: Path, adapters: dict[str, AdapterRecord]) -> None:
                 f"with a {adapter.graft_type!r} adapter for {adapter.base.get('name_or_path')!r} (pass "
                 f"overwrite=True to replace it)"
             )
-    dropped = [sub.name for sub in adapter_subdirectories(target) if sub.name not in adapters]
-    if (target / CONFIG_NAME).exists() and "" not in adapters:
-        dropped.insert(0, "(the adapter at the root)")
+    try:
+        saved = _saved_here(target)
+    except AdapterConfigError as err:
+        raise FileExistsError(f"{err}; refusing to replace what is saved there (pass overwrite=True to replace "
+                              f"it)") from None
+    dropped = [name if adapter_folder(name) else "(the adapter at the root)" for name, _ in saved
+               if adapter_folder(name) not in folders]
     if dropped:
         raise FileExistsError(f"{target} holds saved adapters this save does not include: {', '.join(dropped)}; "
                               f"refusing to delete them (pass overwrite=True to replace the whole adapter folder)")
@@ -249,12 +325,14 @@ def _verify_written(where: Path, adapter: AdapterRecord) -> None:
         raise OSError(f"the adapter written to {where} does not read back as written; nothing was saved")
 
 
-def _swap_in(staging: Path, target: Path, new_folders: set[str]) -> None:
-    """Replace ``target`` by ``staging``, carrying over the entries of ``target`` that are not adapter files."""
+def _swap_in(staging: Path, target: Path, replaced: set[str]) -> None:
+    """Replace ``target`` by ``staging``, carrying over the entries of ``target`` that are neither in
+    ``replaced`` (the save there before) nor written anew in ``staging``."""
     if not target.exists():
         os.rename(staging, target)
         return
-    kept = [entry for entry in target.iterdir() if not _is_adapter_entry(entry) and entry.name not in new_folders]
+    kept = [entry for entry in target.iterdir()
+            if entry.name not in replaced and not (staging / entry.name).exists()]
     moved: list[Path] = []
     backup = None
     try:
@@ -275,10 +353,26 @@ def _swap_in(staging: Path, target: Path, new_folders: set[str]) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _is_adapter_entry(entry: Path) -> bool:
-    if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
-        return True
-    return entry.is_dir() and not entry.is_symlink() and (entry / CONFIG_NAME).exists()
+def _saved_here(target: Path) -> list[tuple[str, Path]]:
+    """`saved_adapters` of a folder a save goes to; a folder with neither a record nor a root adapter has
+    none saved at its level (its sub-folders holding adapters are saves of their own, like a Trainer's
+    ``checkpoint-N`` folders)."""
+    if not (target / STACK_NAME).exists() and not (target / CONFIG_NAME).exists():
+        return []
+    return saved_adapters(target)
+
+
+def _saved_entries(target: Path) -> set[str]:
+    """The names of the entries of ``target`` that belong to the save there: its adapter files, stack
+    record, graftlm card and the sub-folders of its adapters (what a new save replaces)."""
+    try:
+        folders = [folder for _, folder in _saved_here(target)]
+    except AdapterConfigError:  # an unreadable record (overwrite=True got here): no sub-folder is known to be
+        folders = []  # part of that save, so none is deleted; the new record leaves them out
+    entries = {CONFIG_NAME, WEIGHTS_NAME, STACK_NAME} | {folder.name for folder in folders if folder != target}
+    if _is_card_file(target / CARD_NAME):
+        entries.add(CARD_NAME)
+    return entries
 
 
 def _umask() -> int:
@@ -291,7 +385,7 @@ def resolve_adapter_dir(path_or_repo_id: str, revision: str | None = None, token
     """A local adapter directory, or a Hub repo id downloaded through ``huggingface_hub``."""
     local = Path(path_or_repo_id)
     if local.is_dir():
-        if not (local / CONFIG_NAME).exists() and not adapter_subdirectories(local):
+        if not any((local / name).exists() for name in (CONFIG_NAME, STACK_NAME)) and not adapter_subdirectories(local):
             raise FileNotFoundError(f"{local} has no {CONFIG_NAME}: not a graftlm adapter directory")
         return local
     if local.exists() or path_or_repo_id.startswith((".", "/", "~")) or path_or_repo_id.count("/") > 1:
@@ -304,7 +398,7 @@ def resolve_adapter_dir(path_or_repo_id: str, revision: str | None = None, token
                 path_or_repo_id,
                 revision=revision,
                 token=token,
-                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, f"*/{CONFIG_NAME}", f"*/{WEIGHTS_NAME}"],
+                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, STACK_NAME, f"*/{CONFIG_NAME}", f"*/{WEIGHTS_NAME}"],
             )
         )
     except Exception as err:
@@ -354,3 +448,40 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 def adapter_subdirectories(directory: Path) -> list[Path]:
     """Sub-folders holding further adapters (non-default names of a stacked save)."""
     return sorted(p for p in directory.iterdir() if p.is_dir() and (p / CONFIG_NAME).exists())
+
+
+def saved_adapters(directory: Path) -> list[tuple[str, Path]]:
+    """The adapters saved in ``directory`` as (saved name, folder), in the order they were attached.
+
+    Those ``graftlm_stack.json`` lists, in its order (the root's saved name is ``default``; the graft
+    types it records are for people and tools listing a stack: each adapter's config is what counts); a
+    folder without that record (saved by graftlm before it wrote one) holds its root adapter, then every
+    sub-folder holding an adapter, by name. Raises `AdapterConfigError` when the record can't be read or
+    names an adapter that is not there.
+    """
+    record_path = directory / STACK_NAME
+    if not record_path.exists():
+        found = [(DEFAULT_ADAPTER_NAME, directory)] if (directory / CONFIG_NAME).exists() else []
+        return found + [(sub.name, sub) for sub in adapter_subdirectories(directory)]
+    try:
+        record = json.loads(record_path.read_text())
+        names = [entry["name"] for entry in record["adapters"]]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        expected = '{"adapters": [{"name": ..., "graft_type": ...}, ...]}'
+        raise AdapterConfigError(f"{record_path} is not a readable stack record ({type(err).__name__}: {err}); "
+                                 f"expected {expected}") from None
+    for name in names:
+        try:
+            check_adapter_name(name, f"{record_path}: adapter")
+        except ValueError as err:
+            raise AdapterConfigError(str(err)) from None
+    if not names or len(set(names)) != len(names):
+        raise AdapterConfigError(f"{record_path} must list each saved adapter once, got {names}")
+    saved = []
+    for name in names:
+        folder = directory / adapter_folder(name)
+        if not (folder / CONFIG_NAME).is_file():
+            raise AdapterConfigError(f"{record_path} lists the adapter {name!r}, but {folder / CONFIG_NAME} does "
+                                     f"not exist; was the folder edited by hand? Save the stack again")
+        saved.append((name, folder))
+    return saved

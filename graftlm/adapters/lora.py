@@ -65,22 +65,24 @@ class PeftLoRA:
         return found
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.base_model.named_parameters() if f".{self.adapter_name}." in name]
+        return list(self._named_parameters().values())
+
+    def tensor_paths(self) -> dict[str, str]:
+        """Each LoRA tensor's key (its module path, the internal adapter name stripped) -> that parameter's
+        name in the base model's own state dict."""
+        marker = f".{self.adapter_name}."
+        return {name.replace(marker, "."): name for name, _ in self.base_model.named_parameters() if marker in name}
+
+    def _named_parameters(self) -> dict[str, nn.Parameter]:
+        parameters = dict(self.base_model.named_parameters())
+        return {key: parameters[name] for key, name in self.tensor_paths().items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA tensors keyed by their module path, with the internal adapter name stripped."""
-        return {
-            name.replace(f".{self.adapter_name}.", "."): p.detach()
-            for name, p in self.base_model.named_parameters()
-            if f".{self.adapter_name}." in name
-        }
+        return {name: p.detach() for name, p in self._named_parameters().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        parameters = {
-            name.replace(f".{self.adapter_name}.", "."): p
-            for name, p in self.base_model.named_parameters()
-            if f".{self.adapter_name}." in name
-        }
+        parameters = self._named_parameters()
         with torch.no_grad():
             for name, value in state.items():
                 parameters[name].copy_(value)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import re
+import inspect
 import tempfile
+import types
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,13 @@ from torch import nn
 from graftlm.adapters import io
 from graftlm.adapters.config import GraftConfig, GraftConfigError
 from graftlm.adapters.graft import Graft
+from graftlm.adapters.io import check_adapter_name
+from graftlm.adapters.model_card import is_graftlm_card, render_model_card
 from graftlm.adapters.registry import UnknownGraftTypeError, get_graft_type, graft_type_for_config
 from graftlm.dtype_policy import parameter_dtype
 from graftlm.patches import get_patch
 
-DEFAULT_ADAPTER_NAME = "default"
-ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+DEFAULT_ADAPTER_NAME = io.DEFAULT_ADAPTER_NAME
 OWNER_ATTRIBUTE = "_graftlm_graft_model"  # in the base model's __dict__: the GraftModel wrapping it
 
 
@@ -30,16 +33,6 @@ class BaseAlreadyGraftedError(RuntimeError):
 
 class UnsupportedGenerationError(ValueError):
     """A generation mode that an active graft cannot run correctly (e.g. beam search)."""
-
-
-def check_adapter_name(name: object, where: str = "adapter_name") -> str:
-    """``name`` if it is a safe adapter name (it keys ``GraftModel.grafts`` and names a sub-folder of a save)."""
-    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"{where} {name!r} is not a valid adapter name: use 1 to 64 letters, digits, '_' or '-', not starting "
-            f"with '-' (no dots, slashes or spaces: it keys GraftModel.grafts and names a sub-folder when saved)"
-        )
-    return name
 
 
 class GraftModel(nn.Module):
@@ -63,6 +56,7 @@ class GraftModel(nn.Module):
             )
         self.patch = get_patch(base_model)
         self.base_model = base_model
+        self.forward = _forward_with_the_signature_of(self, base_model)
         self.grafts = nn.ModuleDict()
         self._detached = False
         self._base_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
@@ -79,7 +73,13 @@ class GraftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, labels=None, **kwargs):
+        """The base model's forward, with the grafts active. Bound per instance (`__init__`) so that
+        ``inspect.signature(graft_model.forward)`` is the base's: `transformers.Trainer` keeps the dataset
+        columns that the forward's signature names, and would drop them all for ``(*args, **kwargs)``.
+        ``labels`` is named here because the Trainer finds its label columns on the class's signature."""
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -116,7 +116,9 @@ class GraftModel(nn.Module):
         merged = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=merged, **kwargs)
 
-    gradient_checkpointing_enable = activation_checkpointing_enable  # the name peft / Trainer users know
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The older name (peft, TRL and transformers < 5 call it): `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
     # -- grafts --------------------------------------------------------------------------------
     @property
@@ -207,28 +209,67 @@ class GraftModel(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | Path, adapter_names: list[str] | None = None, overwrite: bool = False
+        self, save_directory: str | Path, adapter_names: list[str] | None = None, overwrite: bool = False, *,
+        state_dict: dict[str, torch.Tensor] | None = None, training_summary: dict[str, Any] | None = None,
+        is_main_process: bool = True, safe_serialization: bool = True, load_from: str | None = None,
     ) -> Path:
-        """Write the adapters (all, or ``adapter_names``): ``default`` at the root, others in a sub-folder
-        named after them, as one atomic replacement of the folder's adapter files (`io.write_adapters`).
+        """Write the adapters (all, or ``adapter_names``) and a model card, as one atomic replacement of the
+        folder's adapter files (`io.write_adapters`): ``default`` at the root, others in a sub-folder named
+        after them, the stacking order (attach order, whatever order ``adapter_names`` gives) in
+        ``graftlm_stack.json``.
 
-        Without ``overwrite``, replacing an adapter of another graft type or base, or dropping an adapter
-        saved there earlier that this save does not include, raises `FileExistsError`.
+        ``state_dict``: a full state dict of this `GraftModel` (its own key names) to take the graft tensors
+        from instead of the live grafts: what ``accelerator.get_state_dict(model)`` gathers under FSDP, where
+        each process holds only a shard. ``training_summary``: figures for the card's training section
+        (the recipes loop passes its ``train_summary.json``). ``is_main_process=False`` writes nothing (the
+        other processes of a multi-process run). ``load_from``: what the card tells `attach_adapter` to load
+        (default: ``save_directory``). Without ``overwrite``, replacing an adapter of another graft type or
+        base, or dropping an adapter saved there earlier that this save does not include, raises
+        `FileExistsError`; a README.md that is not a graftlm card is kept (`io.ModelCardWarning`).
         """
-        names = list(self.grafts) if adapter_names is None else list(adapter_names)
-        unknown = [name for name in names if name not in self.grafts]
-        if unknown or not names:
-            raise ValueError(f"cannot save adapters {unknown or names}: attached adapters are {list(self.grafts)}")
+        if not safe_serialization:
+            raise ValueError("graftlm adapters are always saved as safetensors (safe_serialization=False is not "
+                             "supported)")
+        wanted = list(self.grafts) if adapter_names is None else list(adapter_names)
+        unknown = [name for name in wanted if name not in self.grafts]
+        if unknown or not wanted:
+            raise ValueError(f"cannot save adapters {unknown or wanted}: attached adapters are {list(self.grafts)}")
+        if not is_main_process:
+            return Path(save_directory)
+        names = [name for name in self.grafts if name in wanted]
         base = self.base_description
         adapters = {}
         for name in names:
             graft = self.grafts[name]
             graft.config.check()
-            adapters["" if name == DEFAULT_ADAPTER_NAME else name] = io.AdapterRecord(
-                graft.config.graft_type, graft.config.to_dict(), base, graft.adapter_state_dict()
-            )
-        io.write_adapters(save_directory, adapters, overwrite)
+            adapters[name] = io.AdapterRecord(graft.config.graft_type, graft.config.to_dict(), base,
+                                              self._adapter_tensors(name, state_dict))
+        card = render_model_card([(name, self.grafts[name].config) for name in names], base,
+                                 load_from or str(save_directory), training_summary)
+        io.write_adapters(save_directory, adapters, overwrite, card=card)
         return Path(save_directory)
+
+    def _adapter_tensors(self, name: str, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors: the live graft's, or picked out of a full ``state_dict`` of this model."""
+        graft = self.grafts[name]
+        if state_dict is None:
+            tensors = graft.adapter_state_dict()
+            sharded = [key for key, value in tensors.items() if _is_sharded(value)]
+            if sharded:
+                raise ValueError(
+                    f"adapter {name!r}: the tensors {sharded[:3]}{' ...' if len(sharded) > 3 else ''} are shards "
+                    f"(FSDP): this process holds only part of them. Gather them on every process first "
+                    f"(state_dict = accelerator.get_state_dict(model)) and pass save_pretrained(..., "
+                    f"state_dict=state_dict) on the main process")
+            return tensors
+        paths = {key: _without_wrapper_prefixes(path)
+                 for key, path in graft.adapter_state_paths(f"grafts.{name}.", "base_model.").items()}
+        missing = sorted(path for path in paths.values() if path not in state_dict)
+        if missing:
+            raise ValueError(f"state_dict holds no tensors {missing[:3]}{' ...' if len(missing) > 3 else ''} of "
+                             f"adapter {name!r}; pass a full state dict of this GraftModel (its own key names, "
+                             f"e.g. accelerator.get_state_dict(graft_model))")
+        return {key: state_dict[path] for key, path in paths.items()}
 
     def load_adapter(
         self, path_or_repo_id: str | Path, adapter_name: str = DEFAULT_ADAPTER_NAME, is_trainable: bool = False,
@@ -236,15 +277,16 @@ class GraftModel(nn.Module):
     ) -> Graft:
         """Attach a saved adapter (local directory or Hub repo id) under ``adapter_name``.
 
-        Sub-folders holding further adapters (a stacked save) are attached under their folder names. Every
-        file, config, name and base check runs before anything is installed; if a tensor check then fails,
-        every graft this call installed is removed again.
+        A stacked save attaches all its adapters in the order they were attached when saved
+        (`io.saved_adapters`): the one at the root under ``adapter_name``, the others under their folder
+        names. Every file, config, name and base check runs before anything is installed; if a tensor check
+        then fails, every graft this call installed is removed again. Returns the first graft attached.
         """
         check_adapter_name(adapter_name)
         directory = io.resolve_adapter_dir(str(path_or_repo_id), revision=revision, token=token)
-        planned = [(directory, adapter_name)] if (directory / io.CONFIG_NAME).exists() else []
-        planned += [(sub, check_adapter_name(sub.name, f"sub-adapter folder {sub}:"))
-                    for sub in io.adapter_subdirectories(directory)]
+        planned = [(folder, adapter_name if folder == directory
+                    else check_adapter_name(name, f"sub-adapter folder {folder}:"))
+                   for name, folder in io.saved_adapters(directory)]
         if not planned:
             raise FileNotFoundError(f"{directory} holds no {io.CONFIG_NAME}: not a graftlm adapter directory")
         names = [name for _, name in planned]
@@ -266,6 +308,28 @@ class GraftModel(nn.Module):
             raise
         return self.grafts[names[0]]
 
+    def load_adapter_weights(self, path: str | Path) -> None:
+        """Load the tensors of a saved copy of this stack into the attached grafts, in place (resuming a run).
+
+        The folder must hold the same adapters (names and graft types) as are attached; every adapter's
+        tensors are checked (`io.tensors_for_graft`) before any is loaded.
+        """
+        directory = Path(path)
+        saved = dict(io.saved_adapters(directory)) if directory.is_dir() else {}
+        if sorted(saved) != sorted(self.grafts):
+            raise ValueError(f"{directory} holds the adapters {sorted(saved)}, this model has {sorted(self.grafts)} "
+                             f"attached; cannot load its weights in place")
+        loaded = {}
+        for name, graft in self.grafts.items():
+            record, tensors = io.read_adapter(saved[name])
+            if record["graft_type"] != graft.config.graft_type:
+                raise ValueError(f"{saved[name]} holds a {record['graft_type']!r} adapter, the attached {name!r} is "
+                                 f"a {graft.config.graft_type!r} graft")
+            weights = str(saved[name] / io.WEIGHTS_NAME)
+            loaded[name] = io.tensors_for_graft(tensors, graft.adapter_state_dict(), weights)
+        for name, tensors in loaded.items():
+            self.grafts[name].load_adapter_state_dict(tensors)
+
     def _read_checked(self, directory: Path, is_trainable: bool) -> tuple[GraftConfig, dict[str, torch.Tensor]]:
         """One saved adapter's config, checked against its class and this base, and its tensors (unchecked)."""
         record, tensors = io.read_adapter(directory)
@@ -286,18 +350,72 @@ class GraftModel(nn.Module):
     def push_to_hub(
         self, repo_id: str, private: bool | None = None, token: str | None = None,
         commit_message: str = "Upload graftlm adapter", revision: str | None = None,
+        training_summary: dict[str, Any] | None = None,
     ) -> str:
-        """Upload the adapter files (nothing of the base model) to a Hub model repo; returns the commit URL."""
+        """Upload the adapter files and the model card (nothing of the base model) to a Hub model repo;
+        returns the commit URL. A README.md already in the repo that is not a graftlm card is left as it is
+        (`io.ModelCardWarning`)."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        keep_remote_readme = _has_own_readme(api, repo_id, revision)
         with tempfile.TemporaryDirectory() as staging:
-            folder = self.save_pretrained(Path(staging) / "adapter")
+            folder = Path(staging) / "adapter"
+            if keep_remote_readme:
+                warnings.warn(f"{repo_id} has a README.md that is not a graftlm model card; uploading the adapter "
+                              f"without a card", io.ModelCardWarning, stacklevel=2)
+            self.save_pretrained(folder, training_summary=training_summary, load_from=repo_id)
             commit = api.upload_folder(
-                repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
+                repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision,
+                ignore_patterns=[io.CARD_NAME] if keep_remote_readme else None,
             )
         return str(commit)
+
+
+def _has_own_readme(api: Any, repo_id: str, revision: str | None) -> bool:
+    """Whether the Hub repo has a README.md that is not a graftlm card (the user's, to be kept)."""
+    if not api.file_exists(repo_id, io.CARD_NAME, revision=revision):
+        return False
+    path = api.hf_hub_download(repo_id, io.CARD_NAME, revision=revision)
+    return not is_graftlm_card(Path(path).read_text(errors="replace"))
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A tensor that is one process's shard of a parameter (an FSDP2 ``DTensor`` not replicated)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return isinstance(tensor, DTensor) and not all(isinstance(p, Replicate) for p in tensor.placements)
+
+
+#: Module names that FSDP (v1) and activation-checkpoint wrappers insert into parameter names; a gathered
+#: full state dict has them stripped.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _without_wrapper_prefixes(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _forward_with_the_signature_of(graft_model: GraftModel, base_model: nn.Module) -> types.MethodType:
+    """`GraftModel.forward` bound to ``graft_model``, with the signature of ``base_model.forward``.
+
+    A bound method (not a partial), so that accelerate's autocast wrapping and unwrapping of ``forward``
+    (which go through ``forward.__func__``) keep working.
+    """
+
+    def forward(self, *args, **kwargs):
+        return GraftModel.forward(self, *args, **kwargs)
+
+    base = inspect.signature(base_model.forward)
+    itself = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = base.replace(parameters=[itself, *base.parameters.values()])
+    forward.__doc__ = GraftModel.forward.__doc__
+    return types.MethodType(forward, graft_model)
 
 
 def attach_adapter(

@@ -21,8 +21,6 @@ import numpy as np
 import torch
 
 from graftlm.adapters import GraftModel
-from graftlm.adapters.io import read_adapter
-from graftlm.adapters.model import DEFAULT_ADAPTER_NAME
 from graftlm.recipes.config import RecipeError
 
 COMPLETE_MARKER = "checkpoint.json"
@@ -56,13 +54,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def full_adapter_state(accelerator, objective: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The `GraftModel`'s full state dict gathered from every process when the run shards its tensors (FSDP,
+    DeepSpeed), keyed as ``GraftModel.state_dict()`` names them, for ``save_pretrained(state_dict=...)``;
+    None when every process holds the whole adapter (one process, DDP: the live grafts are saved).
+
+    A collective under FSDP: every process calls it (only the main process gets the tensors).
+    ``objective`` is the prepared (wrapped) `TrainingObjective`, which holds the model as ``graft_model``.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    prefix = "graft_model."
+    state = accelerator.get_state_dict(objective)
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
 def save_checkpoint(directory: Path, graft_model: GraftModel, optimizer, scheduler, step: int, recipe: dict,
-                    accelerator) -> None:
-    """Write a checkpoint (every process calls this; the main process writes the shared files)."""
+                    accelerator, gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a checkpoint (every process calls this; the main process writes the shared files).
+    ``gathered``: the `full_adapter_state` of a sharded run."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        graft_model.save_pretrained(directory / "adapter", overwrite=True)
+        graft_model.save_pretrained(directory / "adapter", overwrite=True, state_dict=gathered)
         torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "recipe": recipe},
@@ -88,13 +104,10 @@ def load_checkpoint(directory: Path, graft_model: GraftModel, optimizer, schedul
         raise RecipeError(f"train.resume_from: {directory} is not a complete checkpoint (no {COMPLETE_MARKER})")
     state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
     _warn_on_recipe_change(state.get("recipe", {}), recipe, directory)
-    for name, graft in graft_model.grafts.items():
-        folder = directory / "adapter" if name == DEFAULT_ADAPTER_NAME else directory / "adapter" / name
-        _, tensors = read_adapter(folder)
-        expected = graft.adapter_state_dict()
-        graft.load_adapter_state_dict(
-            {k: v.to(device=expected[k].device, dtype=expected[k].dtype) for k, v in tensors.items()}
-        )
+    try:
+        graft_model.load_adapter_weights(directory / "adapter")
+    except ValueError as err:
+        raise RecipeError(f"train.resume_from: {err}") from err
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_path = directory / f"rng_state_{process_index}.pt"

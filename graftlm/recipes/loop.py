@@ -34,6 +34,7 @@ from graftlm.adapters import GraftModel, attach_adapter
 from graftlm.recipes.batches import BatchPlan
 from graftlm.recipes.checkpoint import (
     checkpoint_dir,
+    full_adapter_state,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -323,7 +324,7 @@ def train(
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if settings.checkpoint_every and step % settings.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir(output_dir, step), graft_model, optimizer, scheduler, step,
-                            recipe.to_dict(), accelerator)
+                            recipe.to_dict(), accelerator, full_adapter_state(accelerator, objective))
     bar.close()
     wall = time.perf_counter() - started
 
@@ -350,8 +351,10 @@ def train(
         "adapter_dir": str(output_dir / "adapter"),
     }
     accelerator.wait_for_everyone()
+    gathered = full_adapter_state(accelerator, objective)
     if accelerator.is_main_process:
-        graft_model.save_pretrained(output_dir / "adapter", overwrite=True)
+        graft_model.save_pretrained(output_dir / "adapter", overwrite=True, state_dict=gathered,
+                                    training_summary=summary)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return TrainResult(model=graft_model, summary=summary, output_dir=output_dir)

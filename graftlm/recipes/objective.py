@@ -29,14 +29,23 @@ class TrainingObjective(nn.Module):
         self.graft_model = graft_model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        for name, graft in self.graft_model.grafts.items():
-            terms = graft.training_loss(self.graft_model, batch)
-            if terms is None:
-                continue
-            if not isinstance(terms, dict) or "loss" not in terms:
-                raise TypeError(
-                    f"graft {name!r} ({type(graft).__name__}).training_loss must return None or a dict with a "
-                    f"'loss' entry, got {type(terms).__name__}"
-                )
-            return terms
-        return {"loss": self.graft_model(**batch).loss}
+        terms = graft_training_terms(self.graft_model, batch)
+        return terms if terms is not None else {"loss": self.graft_model(**batch).loss}
+
+
+def graft_training_terms(graft_model: GraftModel, batch: dict[str, Any],
+                         forward: nn.Module | None = None) -> dict[str, Any] | None:
+    """The loss terms of the first graft (in attach order) whose ``training_loss`` hook supplies them, or
+    None when every hook leaves the batch to the plain LM loss. ``forward``: the module the hooks call
+    (default ``graft_model``; `graftlm.trainer.GraftTrainer` passes the Trainer's, maybe DDP-wrapped, model)."""
+    for name, graft in graft_model.grafts.items():
+        terms = graft.training_loss(forward if forward is not None else graft_model, batch)
+        if terms is None:
+            continue
+        if not isinstance(terms, dict) or "loss" not in terms:
+            raise TypeError(
+                f"graft {name!r} ({type(graft).__name__}).training_loss must return None or a dict with a "
+                f"'loss' entry, got {type(terms).__name__}"
+            )
+        return terms
+    return None

@@ -37,6 +37,8 @@ def test_only_graft_parameters_change(tmp_path):
     assert trained["default.bias.0"].abs().sum() > 0
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
     assert result.summary["trainable_params"] == sum(v.numel() for v in trained.values())
+    card = (result.output_dir / "adapter" / "README.md").read_text()  # the model card shows the run's figures
+    assert "| steps | 3 |" in card and f"| trainable_params | {result.summary['trainable_params']} |" in card
 
 
 def test_loss_goes_down_on_a_learnable_set(tmp_path):
