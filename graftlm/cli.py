@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="directory for the adapter and the report")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 60; 6 with --quick)")
-    demo.add_argument("--n-eval", type=int, default=None, help="held-out examples scored (default 64)")
+    demo.add_argument("--n-eval", type=int, default=None, help="held-out examples scored (default 200; 16 with --quick)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the LoRA same-budget baseline")
     demo.set_defaults(func=_cmd_demo)
 

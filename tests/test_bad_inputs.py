@@ -11,6 +11,7 @@ from graft_fixtures import AttnBiasConfig, FFNBiasConfig, build_tiny_model
 from safetensors.torch import load_file, save_file
 
 from graftlm.adapters import (
+    AdapterBaseMismatchError,
     AdapterConfigError,
     AdapterDtypeWarning,
     AdapterTensorsError,
@@ -293,7 +294,8 @@ def test_a_refused_load_restores_the_base_exactly(family, tmp_path):
     attach_adapter(stacked, LoRAConfig(r=2), adapter_name="extra").save_pretrained(tmp_path / "stack")
     edit_tensors(tmp_path / "stack" / "extra", lambda t: t.popitem())  # the second of two adapters is bad
     base, pattern, hooks, before = untouched_base(family)
-    with pytest.raises(ValueError, match="not on this model"):
+    other = "a model of the same name but another shape" if family == "llama" else "not on this model"
+    with pytest.raises(AdapterBaseMismatchError, match=other):
         attach_adapter(base, tmp_path / "wide")
     assert_untouched(base, pattern, hooks, before)
     with pytest.raises(AdapterTensorsError, match=r"stack/extra/adapter_model.safetensors: missing tensors"):
@@ -312,7 +314,7 @@ def test_a_refused_load_restores_the_base_exactly(family, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("config", [SSTConfig(), AttractorConfig(attn_heads=2, attn_head_dim=8, mlp_hidden=16)],
                          ids=["sst", "attractor"])
-def test_beam_search_is_refused_for_grafts_that_cannot_reorder_their_state(family, config):
+def test_beam_search_and_assisted_generation_are_refused_for_grafts_that_cannot_reorder_their_state(family, config):
     from transformers import GenerationConfig
 
     model = attach_adapter(build_tiny_model(family), config)
@@ -323,6 +325,10 @@ def test_beam_search_is_refused_for_grafts_that_cannot_reorder_their_state(famil
     with pytest.raises(UnsupportedGenerationError, match="num_beams=2"):
         model.generate(input_ids=prompt, generation_config=GenerationConfig(num_beams=2, max_new_tokens=3),
                        pad_token_id=0)
+    with pytest.raises(UnsupportedGenerationError, match=r"assisted generation \(prompt_lookup_num_tokens\)"):
+        model.generate(input_ids=prompt, max_new_tokens=3, prompt_lookup_num_tokens=2, pad_token_id=0)
+    with pytest.raises(UnsupportedGenerationError, match=r"assisted generation \(assistant_model\)"):
+        model.generate(input_ids=prompt, max_new_tokens=3, assistant_model=build_tiny_model(family), pad_token_id=0)
     greedy = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert greedy.shape == (1, 7)
     with model.disable_adapter():  # the base alone may beam-search

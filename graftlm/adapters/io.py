@@ -121,9 +121,11 @@ def check_base_model(saved: dict[str, Any], current: dict[str, Any], adapter_pat
         if saved.get(key) != current.get(key)
     ]
     if mismatches:
+        saved_name, current_name = saved.get("name_or_path"), current.get("name_or_path")
+        other = (f"not on this model ({current_name!r})" if saved_name != current_name
+                 else "a model of the same name but another shape")
         raise AdapterBaseMismatchError(
-            f"adapter {adapter_path} was trained on {saved.get('name_or_path')!r}, not on this model "
-            f"({current.get('name_or_path')!r}): " + "; ".join(mismatches)
+            f"adapter {adapter_path} was trained on {saved_name!r}, {other}: " + "; ".join(mismatches)
         )
     if saved.get("name_or_path") and current.get("name_or_path") and saved["name_or_path"] != current["name_or_path"]:
         warnings.warn(

@@ -31,6 +31,10 @@ class BaseAlreadyGraftedError(RuntimeError):
     """The base model is already wrapped by a `GraftModel` (it carries graftlm grafts)."""
 
 
+# generate() kwargs / GenerationConfig fields that turn on a mode which crops the cache (assisted decoding)
+ASSISTED_GENERATION_KEYS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
 class UnsupportedGenerationError(ValueError):
     """A generation mode that an active graft cannot run correctly (e.g. beam search)."""
 
@@ -86,7 +90,8 @@ class GraftModel(nn.Module):
         """The base model's ``generate``; each active graft may first adjust the kwargs (its cache).
 
         Beam search (``num_beams > 1``, from the kwargs or the generation config) is refused while a graft
-        that can't reorder its state with the beams (``Graft.supports_beam_search = False``) is active.
+        that can't reorder its state with the beams (``Graft.supports_beam_search = False``) is active, and so
+        is assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``), which crops the cache.
         """
         self._check_generation_mode(kwargs)
         for graft in self.grafts.values():
@@ -95,17 +100,26 @@ class GraftModel(nn.Module):
         return self.base_model.generate(*args, **kwargs)
 
     def _check_generation_mode(self, kwargs: dict[str, Any]) -> None:
-        generation_config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
-        num_beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", None) or 1
-        if num_beams <= 1:
-            return
         refusing = [f"{name!r} ({graft.config.graft_type})" for name, graft in self.grafts.items()
                     if graft.active and not graft.supports_beam_search]
-        if refusing:
+        if not refusing:
+            return
+        generation_config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        num_beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", None) or 1
+        if num_beams > 1:
             raise UnsupportedGenerationError(
                 f"beam search (num_beams={num_beams}) is not supported with the graft {', '.join(refusing)}: its "
                 f"state on the generation cache is not reordered with the beams, so beams would be scored wrongly. "
                 f"Use num_beams=1 (greedy or sampling), or run the base alone inside GraftModel.disable_adapter()"
+            )
+        assisted = [key for key in ASSISTED_GENERATION_KEYS
+                    if kwargs.get(key) is not None or getattr(generation_config, key, None) is not None]
+        if assisted:
+            raise UnsupportedGenerationError(
+                f"assisted generation ({', '.join(assisted)}) is not supported with the graft {', '.join(refusing)}: "
+                f"it crops the generation cache back to the accepted tokens, and that graft's state on the cache "
+                f"is not cropped with it, so later tokens would see rejected drafts. Generate without it, or run "
+                f"the base alone inside GraftModel.disable_adapter()"
             )
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
