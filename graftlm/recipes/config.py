@@ -523,9 +523,11 @@ def _convert(value: Any, annotation: Any) -> Any:
         if isinstance(value, CliString):
             parsed = _parse_cli(value)
             value = parsed if isinstance(parsed, list) else [item.strip() for item in value.split(",")]
+        item_type = args[0] if args else Any
+        if isinstance(value, str) and item_type is str:  # as in the Python API: one name is a one-item list
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise _Invalid(f"must be a list, got {type(value).__name__} {value!r}")
-        item_type = args[0] if args else Any
         return [_convert(CliString(v) if isinstance(value, CliString) and isinstance(v, str) else v, item_type)
                 for v in value]
     if origin is dict or annotation is dict:

@@ -71,6 +71,12 @@ def test_yaml_strings_coerce_to_field_types():
     assert recipe.train.lr == 1e-3 and recipe.train.steps == 5 and recipe.train.gradient_checkpointing is True
 
 
+def test_a_yaml_string_for_a_list_of_names_is_one_name():
+    recipe = build_recipe({**MINIMAL, "graft": {"type": "lora", "target_modules": "q_proj"}})
+    assert recipe.grafts[0].config.target_modules == ["q_proj"]
+    assert "graft.target_modules: must be" in _error({**MINIMAL, "graft": {"type": "lora", "target_modules": 3}})
+
+
 def test_overrides_are_coerced_to_field_types(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps({**MINIMAL, "graft": [{"type": "lora"}, {"type": "test_ffn_bias"}]}))
