@@ -45,7 +45,8 @@ import torch
 
 import graftlm
 from graftlm.host_syncs import HostSyncCounter
-from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
+from graftlm.patches.cache_kwarg import with_cache
+from graftlm.testing import generation_cache, open_grafts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +99,6 @@ class Clock:
         return (time.perf_counter() - start) * 1e3
 
 
-def open_grafts(model) -> None:
-    """Move every graft off its exact-identity init: gates to 0.5, all-zero tensors to N(0, 0.02)."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for graft in model.grafts.values():
-            for name, p in graft.named_parameters():
-                if "gate" in name:
-                    p.fill_(0.5)
-                elif not p.any():
-                    p.copy_((0.02 * torch.randn(p.shape, generator=generator)).to(p))
-
-
 def text_ids(tokenizer, batch: int, length: int, device: str) -> torch.Tensor:
     """[batch, length] token ids of real offline text (licences, Python docs), consecutive windows."""
     from graftlm.eval.needle import corpus_words
@@ -119,18 +108,6 @@ def text_ids(tokenizer, batch: int, length: int, device: str) -> torch.Tensor:
     need = batch * length
     ids = ids.repeat(math.ceil(need / ids.numel()))[:need]
     return ids.view(batch, length).to(device)
-
-
-def generation_cache(model):
-    kwargs = {"use_cache": True}
-    for graft in getattr(model, "grafts", {}).values():
-        kwargs = graft.prepare_generate_kwargs(kwargs)
-    cache = cache_from_kwargs(kwargs)
-    if cache is None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-    return cache
 
 
 def syncs_text(counts: dict, per: int) -> str:

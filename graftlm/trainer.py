@@ -8,8 +8,9 @@ the frozen base included, as ``model.safetensors``, and it never calls a graft's
 `GraftTrainerMixin` on top of a Trainer class fixes both:
 
 * ``save_model`` and every checkpoint write the adapter (`GraftModel.save_pretrained`: adapter files,
-  the stacking order, a model card with the run's figures) and nothing of the base; under FSDP the
-  Trainer gathers the full state dict first and the adapter is taken from it;
+  the stacking order, a model card with the run's figures) and nothing of the base. FSDP is refused
+  (`check_no_fsdp`): the Trainer saves FSDP runs through accelerate's sharded checkpoints, which would
+  write no adapter; the recipes loop gathers and saves it;
 * ``resume_from_checkpoint`` and ``load_best_model_at_end`` load adapter checkpoints back
   (`GraftModel.load_adapter_weights`);
 * a graft's `Graft.training_loss` supplies the training loss when it has one (Echo's distillation,
@@ -32,10 +33,32 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from graftlm.adapters import GraftModel
-from graftlm.recipes.data import count_label_tokens
+from graftlm.recipes.data import IGNORE_INDEX
 from graftlm.recipes.objective import graft_training_terms
 
 TRAINING_ARGS_NAME = "training_args.bin"  # what transformers.Trainer saves its arguments as
+
+
+def label_token_count(inputs: dict[str, Any]) -> torch.Tensor:
+    """The label tokens a causal-LM loss averages over in this micro-batch, as a device tensor (no host
+    read): ``shift_labels`` when the collator supplies them (as the Trainer counts), else ``labels``
+    shifted by one."""
+    labels = inputs.get("shift_labels")
+    labels = inputs["labels"][..., 1:] if labels is None else labels
+    return labels.ne(IGNORE_INDEX).sum()
+
+
+def check_no_fsdp(trainer: Trainer) -> None:
+    """Refuse FSDP: the Trainer then saves the model through accelerate's FSDP checkpointing (with
+    accelerate's default sharded state dict, ``save_model`` calls ``_save`` with nothing), which writes no
+    adapter, or the whole base."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise NotImplementedError(
+            f"{type(trainer).__name__} under FSDP is not supported: transformers.Trainer saves FSDP runs "
+            f"through accelerate's FSDP checkpoints (sharded by default: no adapter would be written). Train "
+            f"with the recipes loop (`accelerate launch -m graftlm train RECIPE.yaml`), which gathers the "
+            f"adapter before every save, or with DDP"
+        )
 
 
 class GraftScheduleCallback(TrainerCallback):
@@ -58,6 +81,7 @@ class GraftTrainerMixin:
         if not isinstance(self.graft_model, GraftModel):
             raise TypeError(f"{type(self).__name__} trains a GraftModel (graftlm.attach_adapter(...)), got "
                             f"{type(self.graft_model).__name__}")
+        check_no_fsdp(self)
         self.add_callback(GraftScheduleCallback(self.graft_model))
 
     @property
@@ -79,7 +103,7 @@ class GraftTrainerMixin:
         if num_items_in_batch is not None and (self.model_accepts_loss_kwargs or self.compute_loss_func):
             # The Trainer then expects a loss normalised over the whole accumulated batch (it skips its own
             # division by the accumulation steps): weight this batch's mean by its share of the label tokens.
-            loss = loss * count_label_tokens(inputs) / num_items_in_batch
+            loss = loss * label_token_count(inputs) / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # num_items_in_batch counted every process
         return loss
@@ -93,11 +117,12 @@ class GraftTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The adapter (and the model card, the tokenizer, the training arguments), never the base.
-        ``state_dict``: the full state dict the Trainer gathered under FSDP."""
+        ``state_dict``: a full state dict when the Trainer passes one (DeepSpeed ZeRO-3)."""
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self.graft_model.save_pretrained(output_dir, state_dict=state_dict, training_summary=self.training_summary())
+        self.graft_model.save_pretrained(output_dir, state_dict=state_dict, training_summary=self.training_summary(),
+                                         load_from=self.args.hub_model_id if self.args.push_to_hub else None)
         tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from graftlm.adapters import Graft, GraftConfig, register_graft
+from graftlm.testing import generation_cache, open_grafts  # noqa: F401  (re-exported for the tests)
 
 
 def tiny_llama_config(**overrides):
@@ -186,31 +187,3 @@ def graft_gradients(model, ids: torch.Tensor) -> list[torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()
     return [p.grad.clone() for p in model.graft_parameters()]
-
-
-def open_grafts(model) -> nn.Module:
-    """Move every graft of ``model`` off its exact-identity init (gates to 0.5, all-zero tensors to
-    N(0, 0.02), seeded), so no code path is skipped as closed. Returns the model."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for graft in model.grafts.values():
-            for name, p in graft.named_parameters():
-                if "gate" in name:
-                    p.fill_(0.5)
-                elif not p.any():
-                    p.copy_(0.02 * torch.randn(p.shape, generator=generator).to(p))
-    return model
-
-
-def generation_cache(model):
-    """The cache ``generate`` would use: the one a graft supplies (EchoCache, RangeSearchCache, ...), else
-    a plain ``DynamicCache``."""
-    from transformers import DynamicCache
-
-    from graftlm.patches.cache_kwarg import cache_from_kwargs
-
-    kwargs = {"use_cache": True}
-    for graft in getattr(model, "grafts", {}).values():
-        kwargs = graft.prepare_generate_kwargs(kwargs)
-    cache = cache_from_kwargs(kwargs)
-    return DynamicCache(config=model.config) if cache is None else cache

@@ -54,7 +54,7 @@ def test_the_card_has_the_hub_metadata_the_graft_its_config_and_how_to_load_it(t
     assert "| `target_layers` | `[0, 1]` |" in card
     assert "graftlm's embedded checkpoint `smollm2-135m`" in card
     assert 'model, tokenizer = graftlm.load_model("smollm2-135m")' in card
-    assert f'model = graftlm.attach_adapter(model, "{tmp_path / "adapter"}")' in card
+    assert 'model = graftlm.attach_adapter(model, "path/to/adapter")' in card and str(tmp_path) not in card
     assert "No training summary was saved with this adapter." in card
 
 

@@ -226,3 +226,23 @@ def test_sft_trainer_trains_the_grafts_through_its_fused_head(tokenizer, tmp_pat
     ids = batch["input_ids"]
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_label_tokens_are_counted_on_the_device_from_shift_labels_when_given():
+    from graftlm.trainer import label_token_count
+
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    assert label_token_count({"labels": labels}).item() == 4  # shifted by one: 5, 6 / 7, 8
+    shifted = torch.tensor([[5, -100, -100], [7, 8, 9]])
+    count = label_token_count({"labels": labels, "shift_labels": shifted})
+    assert isinstance(count, torch.Tensor) and count.item() == 4
+
+
+def test_fsdp_is_refused_with_the_way_out():
+    from types import SimpleNamespace
+
+    from graftlm.trainer import check_no_fsdp
+
+    check_no_fsdp(SimpleNamespace(is_fsdp_enabled=False))
+    with pytest.raises(NotImplementedError, match="under FSDP is not supported.*recipes loop"):
+        check_no_fsdp(SimpleNamespace(is_fsdp_enabled=True))

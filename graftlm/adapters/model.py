@@ -237,7 +237,7 @@ class GraftModel(nn.Module):
         each process holds only a shard. ``training_summary``: figures for the card's training section
         (the recipes loop passes its ``train_summary.json``). ``is_main_process=False`` writes nothing (the
         other processes of a multi-process run). ``load_from``: what the card tells `attach_adapter` to load
-        (default: ``save_directory``). Without ``overwrite``, replacing an adapter of another graft type or
+        (a Hub id; default ``"path/to/<folder name>"``: a card holds no local paths). Without ``overwrite``, replacing an adapter of another graft type or
         base, or dropping an adapter saved there earlier that this save does not include, raises
         `FileExistsError`; a README.md that is not a graftlm card is kept (`io.ModelCardWarning`).
         """
@@ -259,7 +259,7 @@ class GraftModel(nn.Module):
             adapters[name] = io.AdapterRecord(graft.config.graft_type, graft.config.to_dict(), base,
                                               self._adapter_tensors(name, state_dict))
         card = render_model_card([(name, self.grafts[name].config) for name in names], base,
-                                 load_from or str(save_directory), training_summary)
+                                 load_from or f"path/to/{Path(save_directory).name}", training_summary)
         io.write_adapters(save_directory, adapters, overwrite, card=card)
         return Path(save_directory)
 
