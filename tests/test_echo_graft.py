@@ -310,3 +310,27 @@ def test_config_validation_and_registry():
     model = attach_adapter(build_tiny_model("gemma3"), EchoConfig(rank=8))
     branch = model.grafts["default"].branches["0"]
     assert (branch.heads, branch.rank, branch.value_dim) == (4, 8, 16)  # defaults: the model's heads, head_dim
+
+
+def test_a_row_gather_keeps_equal_phases_known_on_the_host():
+    """Beam search reorders the rows every step: with every row in the same chunk phase the phases stay
+    known (no readout rebuild per token); mixed phases, or a boolean row mask, make them unknown."""
+    from graftlm.testing import generation_cache
+
+    model = attach_adapter(build_tiny_model("llama"), EchoConfig(rank=4, chunk_size=4))
+    cache = generation_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0)),
+              past_key_values=cache, use_cache=True)
+    layer = next(layer for layer in cache.echo.values() if layer.is_initialized)
+    phases = layer.phases
+    assert phases is not None and len(set(phases)) == 1
+    layer.reorder_cache(torch.tensor([1, 1, 0]))
+    assert layer.phases == (phases[0],) * 3 and layer.seen.shape[0] == 3
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    assert layer.phases == (phases[0],) * 2
+    layer.batch_select_indices(torch.tensor([True, False]))
+    assert layer.phases is None
+    layer.update(layer.state, layer.seen, (1, 2))
+    layer.reorder_cache(torch.tensor([0]))
+    assert layer.phases is None

@@ -94,6 +94,13 @@ def test_the_root_adapter_loads_under_the_name_asked_for(tmp_path):
     assert list(reloaded.grafts) == ["first", "bias"] and torch.equal(logits(reloaded), expected)
 
 
+def test_a_name_for_a_root_adapter_the_stack_does_not_have_is_refused(tmp_path):
+    stack("llama", ORDERS["no default, attach order not alphabetical"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot load .* as 'mine': it holds no adapter at its root"):
+        attach_adapter(build_tiny_model("llama"), tmp_path, adapter_name="mine")
+    assert list(attach_adapter(build_tiny_model("llama"), tmp_path).grafts) == ["z_bias", "a_scale"]
+
+
 def test_a_single_adapter_is_recorded_too(tmp_path):
     attach_adapter(build_tiny_model("llama"), FFNBiasConfig()).save_pretrained(tmp_path)
     record = json.loads((tmp_path / STACK_NAME).read_text())

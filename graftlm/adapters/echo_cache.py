@@ -187,15 +187,23 @@ class EchoStateLayer:
         if self.state is not None:
             self.state, self.seen, self.phases = map_state(self.state, fn), fn(self.seen), phases
 
+    def _uniform_phases(self, rows: int) -> tuple[int, ...] | None:
+        """``phases`` for ``rows`` rows picked from this batch, when every row has the same phase (the
+        usual unpadded batch): a row gather then keeps the phases known on the host."""
+        if self.phases is None or len(set(self.phases)) != 1:
+            return None
+        return (self.phases[0],) * rows
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
+        self._map_rows(lambda x: x.index_select(0, beam_idx.to(x.device)), self._uniform_phases(len(beam_idx)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         phases = None if self.phases is None else tuple(p for p in self.phases for _ in range(repeats))
         self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0), phases)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda x: x[indices])
+        phases = None if indices.dtype == torch.bool else self._uniform_phases(len(indices))  # a mask: unknown
+        self._map_rows(lambda x: x[indices], phases)
 
     def reset(self) -> None:
         self.state = self.seen = self.phases = None

@@ -293,7 +293,7 @@ class GraftModel(nn.Module):
 
         A stacked save attaches all its adapters in the order they were attached when saved
         (`io.saved_adapters`): the one at the root under ``adapter_name``, the others under their folder
-        names. Every file, config, name and base check runs before anything is installed; if a tensor check
+        names (so another ``adapter_name`` is refused for a save with no root adapter). Every file, config, name and base check runs before anything is installed; if a tensor check
         then fails, every graft this call installed is removed again. Returns the first graft attached.
         """
         check_adapter_name(adapter_name)
@@ -303,6 +303,10 @@ class GraftModel(nn.Module):
                    for name, folder in io.saved_adapters(directory)]
         if not planned:
             raise FileNotFoundError(f"{directory} holds no {io.CONFIG_NAME}: not a graftlm adapter directory")
+        if adapter_name != DEFAULT_ADAPTER_NAME and all(folder != directory for folder, _ in planned):
+            raise ValueError(f"cannot load {directory} as {adapter_name!r}: it holds no adapter at its root, only "
+                             f"the stack {[name for _, name in planned]}, which loads under those names (leave "
+                             f"adapter_name out)")
         names = [name for _, name in planned]
         taken = sorted({name for name in names if name in self.grafts or names.count(name) > 1})
         if taken:
