@@ -23,10 +23,18 @@ projections are all zero ("closed") skips the solve and returns ``c`` itself.
 Solve (``graftlm.kernels.fixed_point``): ``y* = g(y*; c)`` from ``y0 = c``; under grad (training, or
 LoRA on the backbone) with ``fixed_point_solve`` (implicit-function-theorem gradients, constant memory in
 the number of iterations, adjoint mode ``backward``), otherwise ``solve`` under ``torch.no_grad``.
+Convergence is judged per position (issue 14): a sequence has converged only when every one of its
+(non-padding) positions has ``||g(y)_t - y_t|| / ||y_t|| < tol``; its residual is its worst position's.
 ``last_solve_info`` holds the last call's per-sequence iterations, residual, converged and fallback
-flags. The solver's fallback keeps the iterates finite, so the logits are never NaN from the head.
-The optional Jacobian regulariser ``||J^T v||^2`` enters through ``training_loss`` when
-``jacobian_weight > 0``.
+flags and the first-guess residual (at y0 = c). The solver's fallback keeps the iterates finite, so
+the logits are never NaN from the head. Contraction control is on by default (`AttractorConfig`: the
+Jacobian regulariser ``||J^T v||^2`` at weight 1e-3 through ``training_loss``, the adjoint clip, the
+gate bound). ``training_loss`` also returns the solve's figures (converged and fallback fractions, mean
+and max iterations, first-guess residual), so the recipes loop logs them every step, and a solve that
+keeps running to max_iter is a logged warning.
+
+``iterate='unrolled'`` is the control without a fixed point: g applied exactly ``max_iter`` times from
+c, differentiated through every pass (max_iter 1: the head applied once, a plain extra block).
 
 Generation: the head keeps its own KV cache on the transformers ``Cache`` the model is called with
 (``cache``, ``past_key_values`` before transformers 5.24; attribute ``graftlm_attractor``: per block
@@ -175,7 +183,8 @@ class AttractorConfig(GraftConfig):
         default="fixed_point",
         metadata={"help": "'fixed_point': solve y* = g(y*; c) (implicit gradients); 'unrolled': apply g exactly "
                           "max_iter times from y0 = c and backpropagate through them, no solve, no tolerance "
-                          "(max_iter 1: the head applied once, the control without a fixed point)."},
+                          "(max_iter 1: the head applied once, the control without a fixed point; no Jacobian "
+                          "regulariser, it belongs to the fixed point)."},
     )
     max_iter_warning: float = field(
         default=0.5,
@@ -188,7 +197,6 @@ class AttractorConfig(GraftConfig):
             raise self.error("gamma_init", f"must lie in (0, gamma_max={self.gamma_max}), got {self.gamma_init}")
         if self.min_iter > self.max_iter:
             raise self.error("min_iter", f"must be <= max_iter={self.max_iter}, got {self.min_iter}")
-
         try:
             self.solver_config(0)  # the solver's own checks
         except ValueError as err:
