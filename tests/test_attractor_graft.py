@@ -244,9 +244,11 @@ def test_overflowing_head_falls_back_to_the_base_logits(tiny_model):
 
 
 def test_jacobian_regulariser_enters_the_training_loss(tiny_model):
-    model = open_head(attractor_model(tiny_model))
-    assert graft_of(model).training_loss(model, {"input_ids": IDS}) is None
-    model = open_head(attractor_model(build_tiny_model(family_of(tiny_model)), jacobian_weight=1e-3))
+    model = open_head(attractor_model(tiny_model, jacobian_weight=0.0))
+    terms = graft_of(model).training_loss(model, {"input_ids": IDS})
+    assert "jacobian_loss" not in terms and torch.equal(terms["loss"].detach(), terms["lm_loss"])
+    model = open_head(attractor_model(build_tiny_model(family_of(tiny_model))))
+    assert graft_of(model).config.jacobian_weight == 1e-3  # on by default (METHODS.md section 2)
     model.train()
     terms = graft_of(model).training_loss(model, {"input_ids": IDS})
     assert terms["jacobian_loss"] > 0
@@ -302,3 +304,120 @@ def test_a_few_training_steps_lower_the_loss(tiny_model):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+# -- issue 14: contraction control, visible convergence, the one-application control ------------------
+
+
+def test_contraction_control_is_on_by_default():
+    config = AttractorConfig()
+    assert config.jacobian_weight == 1e-3 and config.adjoint_clip == 2.0 and config.gamma_max == 1.0
+    solver = config.solver_config(1)
+    assert solver.per_position and solver.adjoint_clip == 2.0
+
+
+def test_solve_is_judged_per_position(tiny_model):
+    model = open_head(attractor_model(tiny_model, tol=1e-4, min_iter=0), scale=0.05, gate=0.5)
+    graft = graft_of(model)
+    seen = {}
+    norm = graft.patch.final_norm(graft.base_model)
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.setdefault("y", args[0]))
+    with graft.iteration_budget(0):
+        logits(model)
+    handle.remove()
+    c = seen.pop("y")
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.setdefault("y", args[0]))
+    logits(model)
+    handle.remove()
+    info = graft.last_solve_info
+    mask = attention_mask(c.shape[0], c.shape[1], 0, None, c.device)
+    with torch.no_grad():
+        y = seen["y"]
+        per_position = (graft.head(y, c, mask) - y).norm(dim=-1) / y.norm(dim=-1)  # [B, T]
+        first = (graft.head(c, c, mask) - c).norm(dim=-1) / c.norm(dim=-1)
+    assert info["converged"].all() and (per_position < 1e-4).all()
+    torch.testing.assert_close(info["residual"], per_position.amax(-1), rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(info["first_guess_residual"], first.amax(-1), rtol=1e-4, atol=1e-7)
+
+
+def test_training_loss_logs_the_convergence_figures(tiny_model):
+    model = open_head(attractor_model(tiny_model, max_iter=20))
+    model.train()
+    graft = graft_of(model)
+    terms = graft.training_loss(model, {"input_ids": IDS})
+    info = graft.last_solve_info
+    assert terms["solve_converged"] == info["converged"].float().mean() == 1.0
+    assert terms["solve_fallback"] == 0.0 and terms["solve_hit_max_iter"] == 0.0
+    assert terms["solve_iterations_max"] == info["iterations"].max() >= terms["solve_iterations_mean"] >= 6
+    assert 0 < terms["solve_first_guess_residual"] and terms["solve_residual_max"] < graft.config.tol
+    assert all(v.dim() == 0 and not v.requires_grad for k, v in terms.items() if k != "loss")
+
+
+def test_repeated_max_iter_hits_warn_in_the_log(tiny_model, caplog):
+    model = open_head(attractor_model(tiny_model, tol=1e-12, min_iter=0, max_iter=3, jacobian_weight=0.0))
+    model.train()
+    graft = graft_of(model)
+    with caplog.at_level("WARNING", logger="graftlm.adapters.attractor"):
+        for step in range(1, 12):
+            graft.on_train_step(step, 20)
+            terms = graft.training_loss(model, {"input_ids": IDS})
+    assert terms["solve_hit_max_iter"] == 1.0 and terms["solve_converged"] == 0.0
+    assert len(caplog.records) == 1 and "10 of the last 10 training steps" in caplog.records[0].getMessage()
+    caplog.clear()
+    graft.config.tol, graft.config.max_iter = 1e-3, 30  # a solve that converges: no warning
+    with caplog.at_level("WARNING", logger="graftlm.adapters.attractor"):
+        for step in range(12, 24):
+            graft.on_train_step(step, 30)
+            graft.training_loss(model, {"input_ids": IDS})
+    assert not caplog.records
+
+
+def test_one_application_control_is_the_head_applied_once(tiny_model):
+    base = logits(tiny_model)
+    fresh = attractor_model(tiny_model, iterate="unrolled", max_iter=1, min_iter=0)
+    assert torch.equal(logits(fresh), base)  # exact at init in this mode too
+    fresh.train()
+    fresh(input_ids=IDS, labels=IDS).loss.backward()
+    assert graft_of(fresh).head.blocks[0].o_proj.weight.grad.abs().sum() > 0  # it can open
+    fresh.detach()
+    model = open_head(attractor_model(tiny_model, iterate="unrolled", max_iter=1, min_iter=0))
+    graft = graft_of(model)
+    seen = {}
+    norm = graft.patch.final_norm(graft.base_model)
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.setdefault("c", args[0]))
+    with graft.iteration_budget(0):
+        logits(model)
+    handle.remove()
+    c = seen["c"]
+    mask = attention_mask(c.shape[0], c.shape[1], 0, None, c.device)
+    with torch.no_grad():
+        once = tiny_model.lm_head(norm.forward(graft.head(c, c, mask)))  # .forward: without the hook
+    torch.testing.assert_close(logits(model), once, rtol=0, atol=0)
+    info = graft.last_solve_info
+    assert (info["iterations"] == 1).all() and (info["residual"] > 0).all() and (info["first_guess_residual"] > 0).all()
+    model.train()  # plain backprop through the one pass: its gradient is that of g(c)
+    model.zero_grad(set_to_none=True)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert graft.last_fixed_point_info is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in graft.head.parameters())
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_unrolled_prefill_then_decode_equals_full_forward(tiny_model, passes):
+    model = open_head(attractor_model(tiny_model, iterate="unrolled", max_iter=passes, min_iter=0, n_fp_blocks=2),
+                      scale=0.3, gate=0.5)
+    ids = IDS.clone()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        cache = DynamicCache(config=tiny_model.config)
+        steps = [model(input_ids=ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache,
+                       use_cache=True).logits]
+        for t in range(6, ids.shape[1]):
+            steps.append(model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache,
+                               use_cache=True).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-5, atol=1e-5)
+    with graft_of(model).config_overrides({"iterate": "fixed_point"}), pytest.raises(RuntimeError, match="mode"):
+        model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)

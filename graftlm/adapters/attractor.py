@@ -23,10 +23,18 @@ projections are all zero ("closed") skips the solve and returns ``c`` itself.
 Solve (``graftlm.kernels.fixed_point``): ``y* = g(y*; c)`` from ``y0 = c``; under grad (training, or
 LoRA on the backbone) with ``fixed_point_solve`` (implicit-function-theorem gradients, constant memory in
 the number of iterations, adjoint mode ``backward``), otherwise ``solve`` under ``torch.no_grad``.
+Convergence is judged per position (issue 14): a sequence has converged only when every one of its
+(non-padding) positions has ``||g(y)_t - y_t|| / ||y_t|| < tol``; its residual is its worst position's.
 ``last_solve_info`` holds the last call's per-sequence iterations, residual, converged and fallback
-flags. The solver's fallback keeps the iterates finite, so the logits are never NaN from the head.
-The optional Jacobian regulariser ``||J^T v||^2`` enters through ``training_loss`` when
-``jacobian_weight > 0``.
+flags and the first-guess residual (at y0 = c). The solver's fallback keeps the iterates finite, so
+the logits are never NaN from the head. Contraction control is on by default (`AttractorConfig`: the
+Jacobian regulariser ``||J^T v||^2`` at weight 1e-3 through ``training_loss``, the adjoint clip, the
+gate bound). ``training_loss`` also returns the solve's figures (converged and fallback fractions, mean
+and max iterations, first-guess residual), so the recipes loop logs them every step, and a solve that
+keeps running to max_iter is a logged warning.
+
+``iterate='unrolled'`` is the control without a fixed point: g applied exactly ``max_iter`` times from
+c, differentiated through every pass (max_iter 1: the head applied once, a plain extra block).
 
 Generation: the head keeps its own KV cache on the transformers ``Cache`` the model is called with
 (``cache``, ``past_key_values`` before transformers 5.24; attribute ``graftlm_attractor``: per block
@@ -48,6 +56,7 @@ the head is closed is read once per change of its output weights.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,16 +71,43 @@ from graftlm.adapters.graft import Graft
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
 from graftlm.dtype_policy import full_precision, to_base
-from graftlm.kernels.fixed_point import FixedPointConfig, FixedPointInfo, fixed_point_solve, solve
+from graftlm.kernels.fixed_point import (
+    FixedPointConfig,
+    FixedPointInfo,
+    fixed_point_solve,
+    relative_residual,
+    solve,
+)
 from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_from_output
 
 CACHE_ATTRIBUTE = "graftlm_attractor"
+WARN_WINDOW = 10  # training steps per max_iter warning check (one host sync each)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class AttractorConfig(GraftConfig):
     """Attractor refinement: a fixed-point head between the last hidden state and the final norm
-    (METHODS.md section 2)."""
+    (METHODS.md section 2).
+
+    Contraction control is on by default (issue 14); the choices, measured on SmolLM2-135M with real
+    text (``benchmarks/attractor_contraction.py``, RESULTS.md "Attractor (issue 14)"):
+
+    * ``gamma_max = 1``: the gates bound the map's Lipschitz constant linearly (each block's update is
+      gated per channel by at most gamma_max). A fresh head is exactly constant (rho = 0). A head
+      opened to the input projections' scale (output projections drawn with std 0.02, every gate fully
+      open at gamma_max) measured a Jacobian spectral norm rho of 0.009 (0.025 at std 0.05; rho is
+      linear in gamma_max: 0.018 at gamma_max 2): the backbone's hidden states are large and the head's
+      RMSNorms divide by them, so the map is strongly contractive at init with ~40x headroom at
+      gamma_max 1. A smaller bound would only cap how far the trained head can move y.
+    * ``jacobian_weight = 1e-3`` (METHODS.md; the paper's lambda): keeps rho small as training grows the
+      output projections, at the cost of one double backward through one evaluation of g per step.
+    * ``adjoint_clip = 2``: for a map with contraction rho the exact adjoint u = v + J^T u satisfies
+      ||u|| <= ||v|| / (1 - rho); 2 is that bound at rho = 0.5. While the map stays contractive the
+      clip never binds (at the measured rho ~0.01, ||u|| / ||v|| ~1.01); when it binds the map has lost
+      contraction, its adjoint (one-step mode: u ~ v + J^T v) is not trustworthy, and the clip keeps
+      one bad step from wrecking the head. It applies in every adjoint mode.
+    """
 
     graft_type = "attractor"
 
@@ -80,7 +116,9 @@ class AttractorConfig(GraftConfig):
     attn_head_dim: int = field(default=32, metadata={"help": "Width of each attention head.", "min": 1})
     mlp_hidden: int = field(default=256, metadata={"help": "MLP bottleneck width of each head block.", "min": 1})
     gamma_max: float = field(
-        default=1.0, metadata={"help": "Upper bound of the gates gamma_max * sigmoid(raw).", "gt": 0.0}
+        default=1.0,
+        metadata={"help": "Upper bound of the gates gamma_max * sigmoid(raw); bounds the map's Lipschitz "
+                          "constant linearly (see the class docstring).", "gt": 0.0},
     )
     gamma_init: float = field(
         default=0.1,
@@ -113,12 +151,14 @@ class AttractorConfig(GraftConfig):
     )
     adjoint_tol: float = field(default=1e-5, metadata={"help": "Tolerance of the adjoint solve.", "min": 0.0})
     adjoint_clip: float | None = field(
-        default=None,
-        metadata={"help": "Clip each sequence's adjoint to ||u|| <= clip * ||v|| (None: off).", "gt": 0.0},
+        default=2.0,
+        metadata={"help": "Clip each sequence's adjoint to ||u|| <= clip * ||v|| (None: off); 2 is the exact "
+                          "adjoint's bound 1 / (1 - rho) at contraction rho = 0.5.", "gt": 0.0},
     )
     jacobian_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the Jacobian regulariser (0: off; METHODS.md uses 1e-3).", "min": 0.0},
+        default=1e-3,
+        metadata={"help": "Weight of the Jacobian regulariser ||J^T v||^2 (METHODS.md section 2: 1e-3; "
+                          "0: off).", "min": 0.0},
     )
     jacobian_samples: int = field(
         default=1, metadata={"help": "Hutchinson samples when the regulariser is on.", "min": 1}
@@ -139,6 +179,18 @@ class AttractorConfig(GraftConfig):
         metadata={"help": "Solver: read 'all sequences stopped?' (a host sync) every check_every updates "
                           "after min_iter; the results don't depend on it.", "min": 1},
     )
+    iterate: Literal["fixed_point", "unrolled"] = field(
+        default="fixed_point",
+        metadata={"help": "'fixed_point': solve y* = g(y*; c) (implicit gradients); 'unrolled': apply g exactly "
+                          "max_iter times from y0 = c and backpropagate through them, no solve, no tolerance "
+                          "(max_iter 1: the head applied once, the control without a fixed point; no Jacobian "
+                          "regulariser, it belongs to the fixed point)."},
+    )
+    max_iter_warning: float = field(
+        default=0.5,
+        metadata={"help": "Training: warn when, over the last 10 steps, more than this share of the steps had "
+                          "a sequence that ran to max_iter unconverged (1: never).", "min": 0.0},
+    )
 
     def validate(self) -> None:
         if not self.gamma_init < self.gamma_max:
@@ -153,7 +205,7 @@ class AttractorConfig(GraftConfig):
     def solver_config(self, jacobian_samples: int = 0) -> FixedPointConfig:
         """The solver settings: this config's fields of the same names as `FixedPointConfig`'s."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(FixedPointConfig) if hasattr(self, f.name)}
-        return FixedPointConfig(**{**shared, "jacobian_samples": jacobian_samples})
+        return FixedPointConfig(**{**shared, "jacobian_samples": jacobian_samples, "per_position": True})
 
 
 # -- the head ------------------------------------------------------------------------------------------
@@ -303,6 +355,8 @@ class AttractorGraft(Graft):
         self.last_fixed_point_info: FixedPointInfo | None = None  # of the last solve under grad
         self.last_jacobian_loss: torch.Tensor | None = None
         self._run: _Run | None = None
+        self._hit_steps: torch.Tensor = torch.zeros(())  # training steps with a max_iter hit (device scalar)
+        self._steps_seen = 0
 
     # -- install ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -354,6 +408,10 @@ class AttractorGraft(Graft):
             raise RuntimeError(
                 "the generation cache has positions but no attractor state (built without the graft?)"
             )
+        mode = self._cache_mode()
+        if state is not None and state["mode"] != mode:
+            raise RuntimeError(f"the attractor cache was built in mode {state['mode']}, this call solves in {mode}"
+                               " (iterate / max_iter changed during generation)")
         past_kv = state["kv"] if state is not None else None
         need_grad = torch.is_grad_enabled() and (
             c.requires_grad or any(p.requires_grad for p in self.head.parameters())
@@ -363,34 +421,38 @@ class AttractorGraft(Graft):
         if run.attention_mask is not None:
             key_valid = run.attention_mask[:, -(run.past_length + length) :].to(c.device)
         mask = attention_mask(batch, length, run.past_length, key_valid, c.device)
-
-        def g(y: torch.Tensor) -> torch.Tensor:
-            return self.head(y, c_head, mask, past_kv)
+        valid = None if key_valid is None else key_valid[:, -length:].bool()  # positions judged by the solve
+        keep_state = run.cache is not None or run.use_cache
 
         with full_precision(c.device):  # autocast would run the head in bf16, short of the tolerance
-            y_star, info = self._solve(g, c_head, need_grad)
+            if self.config.iterate == "unrolled":
+                y_star, info, kv = self._unrolled(c_head, mask, past_kv, valid, keep_state, need_grad)
+            else:
+                y_star, info = self._solve(lambda y: self.head(y, c_head, mask, past_kv), c_head, need_grad, valid)
+                kv = self._fixed_point_kv(y_star, c_head, mask, past_kv) if keep_state else None
             info["tokens"] = length
             self.last_solve_info = info
-            if run.cache is not None or run.use_cache:
-                run.state = self._next_state(state, y_star, c_head, mask, past_kv, info, length)
+            if keep_state:
+                run.state = self._next_state(state, kv, info, length, mode)
         return to_base(y_star, c)
 
-    def _solve(self, g, c: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-        """y* = g(y*) from y0 = c [B, T, d]: implicit gradients under grad, a no-grad solve otherwise."""
+    def _cache_mode(self) -> str:
+        """What the head's KV cache holds: the fixed point's keys/values, or those of each unrolled pass."""
+        config = self.config
+        return "fixed_point" if config.iterate == "fixed_point" else f"unrolled x{config.max_iter}"
+
+    def _solve(self, g, c: torch.Tensor, need_grad: bool, valid: torch.Tensor | None
+               ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """y* = g(y*) from y0 = c [B, T, d]: implicit gradients under grad, a no-grad solve otherwise.
+        Convergence is judged per position (``valid`` [B, T]: the positions that count, None: all)."""
         if not need_grad and self.head.closed():  # g(y; c) = c: y* = c, nothing to solve
-            batch, device = c.shape[0], c.device
-            return c, {
-                "iterations": torch.zeros(batch, dtype=torch.long, device=device),
-                "residual": torch.zeros(batch, device=device),
-                "converged": torch.ones(batch, dtype=torch.bool, device=device),
-                "fallback": torch.zeros(batch, dtype=torch.bool, device=device),
-            }
+            return c, _closed_report(c)
         config = self.config
         if need_grad:
             solver_config = config.solver_config(config.jacobian_samples if config.jacobian_weight > 0 else 0)
             if self.head.closed():  # stop at y0 = c exactly; the gradient still reaches the zero projections
                 solver_config.min_iter = 0
-            y_star, fp_info = fixed_point_solve(g, c, solver_config)
+            y_star, fp_info = fixed_point_solve(g, c, solver_config, valid)
             self.last_fixed_point_info = fp_info  # its ``adjoint`` is filled in by the backward
             self.last_jacobian_loss = fp_info.jacobian_loss
             return y_star, _report(fp_info.forward)
@@ -398,21 +460,71 @@ class AttractorGraft(Graft):
             y_star, solve_info = solve(
                 g, c, config.solver, tol=config.tol, min_iter=config.min_iter, max_iter=config.max_iter,
                 m=config.m, beta=config.beta, lam=config.lam, check_every=config.check_every,
+                per_position=True, position_mask=valid,
             )  # fmt: skip
         return y_star, _report(solve_info)
 
+    def _unrolled(self, c: torch.Tensor, mask, past_kv, valid, keep_state: bool, need_grad: bool):
+        """``iterate='unrolled'``: y_n = g^n(c) [B, T, d] with n = max_iter, differentiable through every
+        pass (no fixed point). Pass k attends to the earlier positions' keys/values of pass k, so the cache
+        holds one set per pass (``past_kv[k]``) and prefill + decode equals one full forward exactly.
+        Returns (y_n, report, per pass the chunk's (k, v) of every block or None). The report's residual is
+        that of y_n (one extra no-grad evaluation of g; in decode the earlier positions enter it with their
+        keys of pass n - 1), ``converged`` means it is below tol, and the first-guess residual is
+        ||g(c) - c|| / ||c|| (per position, the worst)."""
+        if not need_grad and self.head.closed():  # g(y; c) = c: every pass returns c exactly
+            n = self.config.max_iter
+            kv = [self._fixed_point_kv(c, c, mask, None if past_kv is None else past_kv[k]) for k in range(n)] \
+                if keep_state else None
+            return c, _closed_report(c), kv
+        y, passes, first = c, [], None
+        for k in range(self.config.max_iter):
+            record: list | None = [] if keep_state else None
+            y = self.head(y, c, mask, None if past_kv is None else past_kv[k], record=record)
+            passes.append(None if record is None else [(key.detach(), value.detach()) for key, value in record])
+            first = y.detach() if first is None else first
+        length = c.shape[1]
+        with torch.no_grad():
+            last, c0 = y.detach(), c.detach()
+            g_last = self.head(last, c0, mask, None if past_kv is None else past_kv[-1])
+            residual = relative_residual(last.flatten(1), g_last.flatten(1), length, valid)
+            first = g_last if first is None else first  # max_iter 0: y = c, and g(c) was just evaluated
+            first_guess = relative_residual(c0.flatten(1), first.flatten(1), length, valid)
+        batch = c.shape[0]
+        report = {
+            "iterations": torch.full((batch,), self.config.max_iter, dtype=torch.long, device=c.device),
+            "residual": residual,
+            "converged": residual < self.config.tol,
+            "fallback": torch.zeros(batch, dtype=torch.bool, device=c.device),
+            "first_guess_residual": first_guess,
+        }
+        return y, report, passes if keep_state else None
+
     @torch.no_grad()
-    def _next_state(self, state, y_star, c, mask, past_kv, info, length) -> dict[str, Any]:
-        """The head's cache after this chunk: per block (K, V) at the converged y*, appended."""
+    def _fixed_point_kv(self, y_star, c, mask, past_kv) -> list:
+        """Per block the chunk's (k, v) [B, H, T, hd] at the converged y*."""
         record: list = []
         self.head(y_star.detach(), c.detach(), mask, past_kv, record=record)
-        if past_kv is not None:
-            record = [
-                (torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past_kv, record)
-            ]
+        return record
+
+    @staticmethod
+    def _next_state(state, kv, info, length, mode: str) -> dict[str, Any]:
+        """The head's cache after this chunk: the chunk's per-block (K, V) appended to the earlier ones
+        (``kv``: one list of blocks; unrolled: one per pass)."""
+
+        def append(past, new):
+            if past is None:
+                return new
+            return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past, new)]
+
+        past = None if state is None else state["kv"]
+        if mode == "fixed_point":
+            merged = append(past, kv)
+        else:
+            merged = [append(None if past is None else past[k], chunk) for k, chunk in enumerate(kv)]
         iterations = ([] if state is None else list(state["iterations"])) + [info["iterations"].detach()]
         previous = 0 if state is None else state["length"]
-        return {"kv": record, "length": previous + length, "iterations": iterations}
+        return {"kv": merged, "length": previous + length, "iterations": iterations, "mode": mode}
 
     @contextmanager
     def iteration_budget(self, max_iter: int, min_iter: int = 0):
@@ -435,26 +547,68 @@ class AttractorGraft(Graft):
         return [] if state is None else list(state["iterations"])
 
     # -- training ---------------------------------------------------------------------------------------
-    def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """LM loss + ``jacobian_weight`` x the Jacobian regulariser of the solve (METHODS.md section 2);
-        None (plain LM loss) when the weight is 0."""
-        weight = self.config.jacobian_weight
-        if weight == 0.0:
-            return None
+    def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """LM loss + ``jacobian_weight`` x the Jacobian regulariser of the solve (METHODS.md section 2), and
+        the solve's convergence figures for the training log (`training_statistics`)."""
         if "labels" not in batch:
             batch = {**batch, "labels": batch["input_ids"]}
         self.last_jacobian_loss = None
         lm_loss = model(**batch).loss
+        terms = {"loss": lm_loss, "lm_loss": lm_loss.detach()}
         jacobian = self.last_jacobian_loss
-        if jacobian is None:
-            return {"loss": lm_loss, "lm_loss": lm_loss.detach()}
+        if jacobian is not None and self.config.jacobian_weight > 0:
+            terms["loss"] = lm_loss + self.config.jacobian_weight * jacobian
+            terms["jacobian_loss"] = jacobian.detach()
+        if self.last_solve_info is not None:
+            terms.update(self.training_statistics())
+        return terms
+
+    def training_statistics(self) -> dict[str, torch.Tensor]:
+        """The last solve's figures, device scalars (the loop reads them once per log line): the fraction of
+        sequences that converged (every position below tol), that fell back to an earlier iterate, that ran
+        to max_iter unconverged; mean and max iterations; mean first-guess residual ||g(c) - c|| / ||c||
+        and the largest final residual (both per position, the worst). Counts repeated max_iter hits for
+        the warning of `on_train_step`."""
         info = self.last_solve_info
+        converged = info["converged"].float()
+        hit = (~info["converged"] & (info["iterations"] >= self.config.max_iter)).float()
+        if self.config.iterate == "fixed_point":
+            self._hit_steps = self._hit_steps + (hit.amax() > 0).float()
+            self._steps_seen += 1
         return {
-            "loss": lm_loss + weight * jacobian,
-            "lm_loss": lm_loss.detach(),
-            "jacobian_loss": jacobian.detach(),
-            "solve_iterations": info["iterations"].float().mean(),
+            "solve_converged": converged.mean(),
+            "solve_fallback": info["fallback"].float().mean(),
+            "solve_hit_max_iter": hit.mean(),
+            "solve_iterations_mean": info["iterations"].float().mean(),
+            "solve_iterations_max": info["iterations"].float().amax(),
+            "solve_first_guess_residual": info["first_guess_residual"].float().mean(),
+            "solve_residual_max": info["residual"].float().amax(),
         }
+
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        """Every ``WARN_WINDOW`` steps read (one host sync) how many of the last steps had a solve that ran to
+        max_iter without converging; warn (logger ``graftlm.adapters.attractor``) above ``max_iter_warning``."""
+        if self._steps_seen < WARN_WINDOW:
+            return
+        share = float(self._hit_steps) / self._steps_seen
+        if share > self.config.max_iter_warning:
+            logger.warning(
+                "attractor: in %d of the last %d training steps a solve ran to max_iter=%d without converging "
+                "(tol %g); the map may have lost contraction (raise jacobian_weight, lower lr or gamma_max)",
+                round(share * self._steps_seen), self._steps_seen, self.config.max_iter, self.config.tol)
+        self._hit_steps, self._steps_seen = torch.zeros(()), 0
+
+
+def _closed_report(c: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The report of a closed head (g(y; c) = c): y* = y0 = c, converged with 0 updates. c [B, T, d]."""
+    batch, device = c.shape[0], c.device
+    return {
+        "iterations": torch.zeros(batch, dtype=torch.long, device=device),
+        "residual": torch.zeros(batch, device=device),
+        "converged": torch.ones(batch, dtype=torch.bool, device=device),
+        "fallback": torch.zeros(batch, dtype=torch.bool, device=device),
+        "first_guess_residual": torch.zeros(batch, device=device),
+    }
 
 
 def _report(info) -> dict[str, torch.Tensor]:
@@ -463,6 +617,7 @@ def _report(info) -> dict[str, torch.Tensor]:
         "residual": info.residual,
         "converged": info.converged,
         "fallback": info.fallback,
+        "first_guess_residual": info.trace[0],
     }
 
 

@@ -313,3 +313,50 @@ def test_jacobian_regulariser_estimates_frobenius_norm():
     _, info = fixed_point_solve(lambda y: y @ a.T + c, c, FixedPointConfig(jacobian_samples=64))
     want = a.square().sum() / D
     assert abs(info.jacobian_loss.item() - want.item()) < 0.15 * want.item()
+
+
+# ------------------------------------------------------------------------------------ per-position criterion
+
+
+def slow_position_problem():
+    """f(y) = a * y + b per position (y [2, 9, 4]): every position converges in one update except
+    position 4 of each sequence, which contracts by 0.5 per update and has a small norm, so on the
+    flattened sequence its residual is hidden by the eight large converged positions."""
+    rate = torch.zeros(2, 9, 1)
+    rate[:, 4] = 0.5
+    offset = torch.full((2, 9, 4), 10.0)
+    offset[:, 4] = 0.1
+
+    def f(y):
+        return rate * y + offset
+
+    return f, torch.zeros(2, 9, 4)
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_per_position_criterion_waits_for_the_slowest_position(method):
+    f, y0 = slow_position_problem()
+    tol = 1e-3
+    flat_y, flat = solve(f, y0, method, tol=tol, max_iter=40)
+    per_y, per = solve(f, y0, method, tol=tol, max_iter=40, per_position=True)
+    position_residual = ((f(flat_y) - flat_y).norm(dim=-1) / flat_y.norm(dim=-1))  # [B, T]
+    assert flat.converged.all() and (position_residual[:, 4] > tol).all()  # converged, yet position 4 is not
+    assert per.converged.all() and (per.iterations > flat.iterations).all()
+    per_position = (f(per_y) - per_y).norm(dim=-1) / per_y.norm(dim=-1)
+    assert (per_position < tol).all()
+    torch.testing.assert_close(per.residual, per_position.amax(-1))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[:, 4] = False  # position 4 left out (as padding would be): stops as soon as the others have
+    _, masked = solve(f, y0, method, tol=tol, max_iter=40, per_position=True, position_mask=mask)
+    assert masked.converged.all() and (masked.iterations < per.iterations).all()
+
+
+def test_per_position_criterion_reaches_the_implicit_solve_and_checks_shapes():
+    f, y0 = slow_position_problem()
+    config = FixedPointConfig(solver="picard", tol=1e-3, min_iter=0, per_position=True)
+    _, info = fixed_point_solve(f, y0, config)
+    assert info.forward.converged.all() and (info.forward.iterations >= 8).all()
+    with pytest.raises(ValueError, match=r"\[B, T, \.\.\.\]"):
+        solve(f, torch.zeros(2, 4), per_position=True)
+    with pytest.raises(ValueError, match="position_mask must be"):
+        solve(f, y0, per_position=True, position_mask=torch.ones(2, 8, dtype=torch.bool))

@@ -160,3 +160,16 @@ def test_bad_input_stops_before_training(tmp_path, sections, examples, message):
     with pytest.raises(RecipeError, match=message):
         _run(recipe, toy_examples(examples))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_attractor_solve_figures_are_logged_every_step(tmp_path):
+    graft = {"type": "attractor", "attn_heads": 2, "attn_head_dim": 8, "mlp_hidden": 16, "max_iter": 12}
+    recipe = toy_recipe(tmp_path, graft=graft, train__steps=3, train__log_every=1, train__lr=1e-2)
+    _run(recipe, toy_examples(8))
+    log = read_log(recipe.log_path)
+    figures = {"solve_converged", "solve_fallback", "solve_hit_max_iter", "solve_iterations_mean",
+               "solve_iterations_max", "solve_first_guess_residual", "solve_residual_max", "jacobian_loss"}
+    assert [line["step"] for line in log] == [1, 2, 3] and all(figures <= set(line) for line in log)
+    assert log[0]["solve_first_guess_residual"] == 0.0  # fresh head: g(c) = c
+    assert log[-1]["solve_first_guess_residual"] > 0 and log[-1]["solve_iterations_mean"] >= 6  # it opened
+    assert all(0.0 <= line["solve_converged"] <= 1.0 for line in log)

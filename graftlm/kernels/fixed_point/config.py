@@ -69,6 +69,14 @@ class FixedPointConfig:
         },
     )
 
+    per_position: bool = field(
+        default=False,
+        metadata={
+            "help": "Judge convergence per position: y [B, T, ...] converges when every position's relative "
+            "residual is below tol (the sequence's residual is its worst position's), not the flattened one."
+        },
+    )
+
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")

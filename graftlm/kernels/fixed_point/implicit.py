@@ -53,11 +53,12 @@ class FixedPointInfo:
 
 
 def fixed_point_solve(
-    f: Map, y0: torch.Tensor, config: FixedPointConfig | None = None
+    f: Map, y0: torch.Tensor, config: FixedPointConfig | None = None, position_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, FixedPointInfo]:
     """y* = f(y*) from y0 [B, ...] -> (y* [B, ...], info). Under grad, y* carries implicit gradients
     (adjoint equation above, mode ``config.backward``) to every tensor f uses, e.g.
-    ``f = lambda y: head(y, c)`` gives gradients to head's parameters and to c.
+    ``f = lambda y: head(y, c)`` gives gradients to head's parameters and to c. ``position_mask`` [B, T]:
+    positions the forward solve judges when ``config.per_position`` (``solvers.solve``).
     """
     config = config or FixedPointConfig()
     with torch.no_grad():
@@ -72,6 +73,8 @@ def fixed_point_solve(
             beta=config.beta,
             lam=config.lam,
             check_every=config.check_every,
+            per_position=config.per_position,
+            position_mask=position_mask,
         )
     info = FixedPointInfo(forward=forward_info)
     if not torch.is_grad_enabled():

@@ -13,6 +13,11 @@ Decisions
   Anderson y_{k+1} != f(y_k), and r_k is still the fixed-point residual of the iterate y_k, so both
   solvers are judged by the same number. A sequence stops when r_k < tol and k >= min_iter; every
   sequence stops at k = max_iter.
+* Per position (``per_position=True``, y0 [B, T, ...]): r_k[b] is instead the largest residual over the
+  sequence's positions t, ``max_t ||f(y_k)[b, t] - y_k[b, t]|| / ||y_k[b, t]||`` (positions where
+  ``position_mask`` [B, T] is False, e.g. padding, left out). On the flattened state a few unconverged
+  tokens hide among many converged ones (the norm is dominated by the many); with the max, a sequence
+  counts as converged only when every position has. The Anderson mixing is unchanged (per sequence).
 * k counts updates: y_0 is the initial guess, y_k the state after k updates. Judging y_k costs one map
   evaluation, so a solve uses at most max_iter + 1 evaluations (``SolveInfo.evaluations``), and
   ``max_iter=0`` only measures the residual of y0.
@@ -75,12 +80,24 @@ class SolveInfo:
         return bool(self.converged.all())
 
 
-def relative_residual(y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
-    """r = ||fy - y|| / ||y|| per row of y, fy [B, N]; 0 where fy == y, inf where not finite. -> [B]."""
+def relative_residual(
+    y: torch.Tensor, fy: torch.Tensor, positions: int | None = None, position_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """r = ||fy - y|| / ||y|| per row of y, fy [B, N]; 0 where fy == y, inf where not finite. -> [B].
+
+    ``positions`` = T: each row is T positions of N / T numbers; r is then the largest per-position
+    residual of the row, over the positions where ``position_mask`` [B, T] is True (all when None)."""
+    if positions is not None:
+        y, fy = y.view(y.shape[0], positions, -1), fy.view(fy.shape[0], positions, -1)
     diff = torch.linalg.vector_norm(fy - y, dim=-1).float()
     norm = torch.linalg.vector_norm(y, dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)
     r = torch.where(diff == 0, torch.zeros_like(diff), diff / norm)
-    return torch.nan_to_num(r, nan=float("inf"))
+    r = torch.nan_to_num(r, nan=float("inf"))
+    if positions is None:
+        return r
+    if position_mask is not None:
+        r = torch.where(position_mask.bool(), r, torch.zeros_like(r))
+    return r.amax(-1)
 
 
 def solve(
@@ -95,12 +112,15 @@ def solve(
     beta: float = 1.0,
     lam: float = 1e-4,
     check_every: int = 4,
+    per_position: bool = False,
+    position_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Solve y = f(y) from y0 [B, ...] by plain (Picard) iteration y_{k+1} = f(y_k) or Anderson
     acceleration (``anderson.py``; memory m, mixing beta, ridge lam). Returns (y*, info) with y* shaped
     and typed like y0, detached from any graph only if the caller runs it under ``torch.no_grad``.
     Stopping, freezing, fallback and the host syncs (one per ``check_every`` updates) are described in
-    the module docstring.
+    the module docstring; ``per_position`` (y0 [B, T, ...]) judges each sequence by its worst position,
+    leaving out those where ``position_mask`` [B, T] is False.
     """
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}; expected one of {SOLVERS}")
@@ -109,6 +129,15 @@ def solve(
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     shape, dtype, batch = y0.shape, y0.dtype, y0.shape[0]
+    positions = None
+    if per_position:
+        if y0.dim() < 3:
+            raise ValueError(f"per_position needs y0 shaped [B, T, ...], got {tuple(shape)}")
+        positions = shape[1]
+        if position_mask is not None and tuple(position_mask.shape) != tuple(shape[:2]):
+            raise ValueError(f"position_mask must be [B, T] = {tuple(shape[:2])}, got {tuple(position_mask.shape)}")
+    elif position_mask is not None:
+        raise ValueError("position_mask is only used with per_position=True")
     work = torch.promote_types(dtype, torch.float32)
     y = y0.reshape(batch, -1).to(work)
 
@@ -128,7 +157,7 @@ def solve(
     for k in range(max_iter + 1):
         iterations = torch.where(active, k, iterations)
         fy = map_flat(y)
-        r = relative_residual(y, fy)
+        r = relative_residual(y, fy, positions, position_mask)
         trace.append(r)
         finite = torch.isfinite(r)
         done = active & finite & (r < tol) & (k >= min_iter)
