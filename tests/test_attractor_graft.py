@@ -71,6 +71,19 @@ def test_fresh_adapter_reproduces_base_exactly(tiny_model):
     assert grads["head.blocks.0.o_proj.weight"].abs().sum() > 0  # the zero projections get a gradient
 
 
+def test_a_head_opened_through_data_writes_is_not_taken_for_closed(tiny_model):
+    """Writes through ``.data`` bypass the version counters: a head read as closed once must not stay
+    closed after them (it used to, and returned the base's logits)."""
+    before = logits(tiny_model)
+    model = attractor_model(tiny_model, n_fp_blocks=2)
+    assert torch.equal(logits(model), before)
+    generator = torch.Generator().manual_seed(0)
+    for block in graft_of(model).head.blocks:
+        for weight in (block.o_proj.weight, block.down_proj.weight):
+            weight.data.copy_(0.05 * torch.randn(weight.shape, generator=generator))
+    assert not torch.equal(logits(model), before)
+
+
 def test_open_head_changes_logits_finitely_and_every_parameter_gets_a_gradient(tiny_model):
     before = logits(tiny_model)
     model = open_head(attractor_model(tiny_model, n_fp_blocks=2))

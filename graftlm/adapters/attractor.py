@@ -267,18 +267,9 @@ class AttractorBlock(nn.Module):
         delta_mlp = gamma_mlp * self.down_proj(F.silu(self.up_proj(self.mlp_norm(h))))
         return delta_attn + delta_mlp, h + delta_mlp, (k, v)
 
-    def closed(self) -> bool:
-        """True when both output projections are exactly zero. Reading that is a host sync, so the answer
-        is kept until either weight changes (its ``_version`` counter and storage: optimizer steps, copies,
-        loads, moves; writes through ``.data`` bypass the counter); decode with fixed weights reads it once."""
-        versions = (self.o_proj.weight._version, self.down_proj.weight._version,
-                    self.o_proj.weight.data_ptr(), self.down_proj.weight.data_ptr())
-        if getattr(self, "_closed_at", None) != versions:
-            with torch.no_grad():
-                zero = torch.stack([self.o_proj.weight.abs().amax(), self.down_proj.weight.abs().amax()])
-                self._closed = bool((zero == 0).all())
-            self._closed_at = versions
-        return self._closed
+    def output_scale(self) -> torch.Tensor:
+        """Largest |weight| of the two output projections, a 0-dim device tensor (0: the block adds nothing)."""
+        return torch.maximum(self.o_proj.weight.detach().abs().amax(), self.down_proj.weight.detach().abs().amax())
 
 
 class AttractorHead(nn.Module):
@@ -308,8 +299,10 @@ class AttractorHead(nn.Module):
         return c + update
 
     def closed(self) -> bool:
-        """True when every output projection is exactly zero: then g(y; c) = c for all y."""
-        return all(block.closed() for block in self.blocks)
+        """True when every output projection is exactly zero: then g(y; c) = c for all y. One host read,
+        taken once per forward: a cached answer would go stale under writes that bypass the version
+        counters (``p.data.normal_()``) and give the base's logits for an open head."""
+        return bool(torch.stack([block.output_scale() for block in self.blocks]).amax() == 0)
 
 
 def attention_mask(
@@ -445,12 +438,13 @@ class AttractorGraft(Graft):
                ) -> tuple[torch.Tensor, dict[str, Any]]:
         """y* = g(y*) from y0 = c [B, T, d]: implicit gradients under grad, a no-grad solve otherwise.
         Convergence is judged per position (``valid`` [B, T]: the positions that count, None: all)."""
-        if not need_grad and self.head.closed():  # g(y; c) = c: y* = c, nothing to solve
+        closed = self.head.closed()
+        if not need_grad and closed:  # g(y; c) = c: y* = c, nothing to solve
             return c, _closed_report(c)
         config = self.config
         if need_grad:
             solver_config = config.solver_config(config.jacobian_samples if config.jacobian_weight > 0 else 0)
-            if self.head.closed():  # stop at y0 = c exactly; the gradient still reaches the zero projections
+            if closed:  # stop at y0 = c exactly; the gradient still reaches the zero projections
                 solver_config.min_iter = 0
             y_star, fp_info = fixed_point_solve(g, c, solver_config, valid)
             self.last_fixed_point_info = fp_info  # its ``adjoint`` is filled in by the backward
