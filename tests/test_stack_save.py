@@ -180,3 +180,19 @@ def test_the_real_grafts_stacked_under_their_own_names_round_trip(family, tmp_pa
     reloaded = attach_adapter(build_tiny_model(family), tmp_path)
     assert list(reloaded.grafts) == [name for name, _ in specs]
     assert torch.equal(logits(reloaded), expected)
+
+
+def test_a_stack_of_two_grafts_with_their_own_losses_is_refused_at_training():
+    """Each graft's training_loss runs its own forward; a stack could use only one, so the other's terms
+    (Echo's distillation, the Attractor's Jacobian term) would be dropped without a word."""
+    from graftlm.adapters import AttractorConfig, EchoConfig
+    from graftlm.recipes.objective import graft_training_terms
+
+    model = attach_adapter(build_tiny_model("llama"), EchoConfig(mode="replace", distill_weight=1.0, rank=4,
+                                                                 chunk_size=4, window=4))
+    model = attach_adapter(model, AttractorConfig(attn_heads=2, attn_head_dim=8, mlp_hidden=16), adapter_name="head")
+    batch = {"input_ids": torch.randint(3, 100, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"'default' \(echo\), 'head' \(attractor\) each supply their own"):
+        graft_training_terms(model, batch)
+    model.grafts["default"].config.distill_weight = 0.0
+    assert "jacobian_loss" in graft_training_terms(model, batch)

@@ -398,6 +398,10 @@ class EchoGraft(Graft):
         ramp_steps = max(1.0, self.config.ramp_fraction * total_steps)
         self.replace_ramp = self.config.replace_ramp * min(1.0, step / ramp_steps)
 
+    @property
+    def supplies_training_loss(self) -> bool:
+        return self.config.distill_weight > 0.0
+
     def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """LM loss + ``distill_weight`` x the layers' mean distillation MSE; None (plain LM loss) when
         ``distill_weight`` is 0. Returns {"loss", "lm_loss", "distill_loss"}."""

@@ -154,6 +154,12 @@ class Graft(nn.Module):
         """Called by the recipes loop before each optimizer step (1-based ``step``): schedules such as a
         ramp from the frozen path to the graft's path live here. The default does nothing."""
 
+    @property
+    def supplies_training_loss(self) -> bool:
+        """Whether `training_loss` returns terms with this config (a stack can train only one such graft:
+        each runs its own forward). Default: whether the class overrides `training_loss`."""
+        return type(self).training_loss is not Graft.training_loss
+
     def training_loss(self, model: GraftModel, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """Loss terms for one training batch, or None for the plain LM loss of ``model(**batch)``.
 

@@ -38,6 +38,14 @@ def graft_training_terms(graft_model: GraftModel, batch: dict[str, Any],
     """The loss terms of the first graft (in attach order) whose ``training_loss`` hook supplies them, or
     None when every hook leaves the batch to the plain LM loss. ``forward``: the module the hooks call
     (default ``graft_model``; `graftlm.trainer.GraftTrainer` passes the Trainer's, maybe DDP-wrapped, model)."""
+    suppliers = [f"{name!r} ({graft.config.graft_type})" for name, graft in graft_model.grafts.items()
+                 if graft.active and graft.supplies_training_loss]
+    if len(suppliers) > 1:
+        raise ValueError(
+            f"the grafts {', '.join(suppliers)} each supply their own training loss (each runs its own forward), "
+            f"and a stack trains with one: turn the others' off (e.g. Echo distill_weight=0), or train the "
+            f"grafts one at a time and stack the saved adapters"
+        )
     for name, graft in graft_model.grafts.items():
         terms = graft.training_loss(forward if forward is not None else graft_model, batch)
         if terms is None:
