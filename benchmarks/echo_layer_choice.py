@@ -4,9 +4,9 @@
                                             [--window 64] [--keep-sizes 2 3 4] [--out out/echo_layer_choice]
 
 On held-out real text (the licence texts of /usr/share/common-licenses, Jules Verne's "In the Year 2889"
-shipped by reasoning_gym, and the sources of Python's ``email``, ``http`` and ``urllib`` packages: none
-of it in the Echo recipe's training text, Python's top-level standard-library modules), cut into
-``--blocks`` blocks of ``--block-length`` tokens spread evenly over the packed text:
+shipped by reasoning_gym, and the sources of Python's ``email``, ``http``, ``urllib`` and ``asyncio``
+packages: none of it in the Echo recipe's training text, Python's top-level standard-library modules),
+cut into ``--blocks`` blocks of ``--block-length`` tokens spread evenly over the packed text:
 
 1. **One layer at a time**: layer i's attention replaced by a fresh replace-mode Echo graft (window
    ``--window``, ramp 1, W_o = 0: exactly the frozen q/k/v/o restricted to the last ``window`` tokens, Echo
@@ -41,7 +41,8 @@ LICENSES = ["Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", 
             "LGPL-2", "LGPL-2.1", "LGPL-3", "MPL-1.1", "MPL-2.0"]  # the files, not their symlinks
 HELD_OUT_FILES = ([f"/usr/share/common-licenses/{name}" for name in LICENSES]
                   + [f"{PYTHON_LIB}/site-packages/reasoning_gym/data/in_the_year_2889.txt",
-                     f"{PYTHON_LIB}/email/*.py", f"{PYTHON_LIB}/http/*.py", f"{PYTHON_LIB}/urllib/*.py"])
+                     f"{PYTHON_LIB}/email/*.py", f"{PYTHON_LIB}/http/*.py", f"{PYTHON_LIB}/urllib/*.py",
+                     f"{PYTHON_LIB}/asyncio/*.py"])
 
 
 def held_out_text() -> DataSection:

@@ -347,8 +347,9 @@ def _check_recipes(raw: dict[str, Any], systems: list[SystemSpec], seed: int, pr
 
 
 def quick_overrides(raw: dict[str, Any]) -> dict[str, Any]:
-    """A CI-sized copy of a raw spec (``--quick``): 2 steps, 16 training examples, 8 held-out examples per
-    evaluation, the first training seed; everything else (systems, grafts, tasks) unchanged."""
+    """A CI-sized copy of a raw spec (``--quick``): 2 steps, 16 training examples (per task source, ``mix``
+    included; a dataset gives all its rows), 8 held-out examples per evaluation, the first training seed;
+    everything else (systems, grafts, tasks) unchanged."""
     quick = copy.deepcopy(raw)
     train = quick.setdefault("train", {})
     train["steps"] = min(int(train.get("steps") or 2), 2)
@@ -356,8 +357,9 @@ def quick_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     train["batch_size"] = min(int(train.get("batch_size", 8)), 4)
     train["eval_every"] = 0
     data = quick.setdefault("data", {})
-    data["n_train"] = min(int(data.get("n_train", 16)), 16)
-    data["n_eval"] = min(int(data.get("n_eval", 4)), 4)
+    for section in [data] + [m for m in data.get("mix") or [] if isinstance(m, dict)]:
+        section["n_train"] = min(int(section.get("n_train", 16)), 16)
+        section["n_eval"] = min(int(section.get("n_eval", 4)), 4)
     for item in quick.get("evals") or []:
         if isinstance(item, dict):
             item["n"] = min(int(item.get("n", 8)), 8)

@@ -106,8 +106,10 @@ def test_spec_validation_names_each_problem(tiny_dir, tmp_path):
 def test_quick_overrides_shrink_a_spec_but_keep_its_systems(tiny_dir, tmp_path):
     raw = spec_raw(tiny_dir, tmp_path)
     raw["train"]["steps"], raw["seeds"], raw["evals"][0]["n"] = 300, [0, 1, 2], 300
+    raw["data"]["mix"] = [{"task": "mqar", "n_train": 500, "n_eval": 50}]
     quick = build_compare_spec(quick_overrides(raw))
     assert quick.train["steps"] == 2 and quick.seeds == [0] and quick.evals[0].n == 8
+    assert quick.data.mix == [{"task": "mqar", "n_train": 16, "n_eval": 4}] and raw["data"]["mix"][0]["n_train"] == 500
     assert [s.name for s in quick.systems] == [s["name"] for s in raw["systems"]]
 
 
