@@ -1,7 +1,7 @@
 """Echo recall state, operator level (issue 6 item 6): memory, decode time per token, chunked throughput.
 
     python3 benchmarks/echo.py [--rank 16] [--chunk-size 64] [--contexts 1024 4096 16384 32768]
-                               [--device cpu] [--threads 2]
+                               [--device cpu] [--threads 2] [--sweep-ranks 8 12 14 16] [--memory-only]
 
 For each embedded checkpoint's attention shape (one layer, batch 1, Echo heads = query heads, value
 size = head_dim):
@@ -9,7 +9,9 @@ size = head_dim):
      4k, 32k and 131k tokens;
   2. decode time per token: ``echo_step`` on a state prefilled to each context length vs SDPA of one
      query over a KV cache of that length (the attention read only; cache appends are not timed);
-  3. ``echo_chunked`` throughput in tokens/s, forward and forward + backward.
+  3. ``echo_chunked`` throughput in tokens/s, forward and forward + backward;
+  4. ``--sweep-ranks``: the state of one layer at each rank, float32 (with its Kahan compensation terms)
+     and float64 statistics, vs that layer's KV cache at 131k tokens (``--memory-only``: only 1 and 4).
 The KV column is a full-attention layer's cache; Gemma 3's sliding-window layers (5 of every 6) cap
 theirs at the window, so for them the saving applies only beyond it.
 Inputs are random: these are operator timings, not a model. Each timing is the best of ``--repeats``
@@ -50,13 +52,27 @@ def timed(fn, device: str, repeats: int) -> list[float]:
 
 
 def memory_rows(shape: dict, args) -> list[dict]:
-    floats = echo_state_numel(shape["q_heads"], args.rank, shape["head_dim"], args.chunk_size)
-    state_bytes = floats * DTYPES[args.stats_dtype].itemsize
+    dtype = DTYPES[args.stats_dtype]
+    floats = echo_state_numel(shape["q_heads"], args.rank, shape["head_dim"], args.chunk_size, dtype)
+    state_bytes = floats * dtype.itemsize
     rows = []
     for context in MEMORY_CONTEXTS:
         kv_bytes = 2 * shape["kv_heads"] * shape["head_dim"] * context * args.kv_bytes
         rows.append({"context": context, "echo_state_bytes": state_bytes, "kv_cache_bytes": kv_bytes,
                      "kv_over_echo": kv_bytes / state_bytes})
+    return rows
+
+
+def rank_sweep_rows(shape: dict, args) -> list[dict]:
+    """One layer's Echo state at each rank of ``--sweep-ranks`` and statistics dtype vs its KV at 131k tokens."""
+    kv_bytes = 2 * shape["kv_heads"] * shape["head_dim"] * MEMORY_CONTEXTS[-1] * args.kv_bytes
+    rows = []
+    for rank in args.sweep_ranks:
+        for name, dtype in DTYPES.items():
+            floats = echo_state_numel(shape["q_heads"], rank, shape["head_dim"], args.chunk_size, dtype)
+            state_bytes = floats * dtype.itemsize
+            rows.append({"rank": rank, "stats_dtype": name, "echo_state_bytes": state_bytes,
+                         "kv_cache_bytes_131k": kv_bytes, "kv_over_echo": kv_bytes / state_bytes})
     return rows
 
 
@@ -133,6 +149,16 @@ def print_tables(report: dict) -> None:
         for row in result["memory"]:
             print(f"{name:14s} {row['context']:>8,} {row['echo_state_bytes'] / 1024:>14.1f} KB "
                   f"{row['kv_cache_bytes'] / 2**20:>12.1f} MB {row['kv_over_echo']:>9.0f}x")
+    if any("rank_sweep" in r for r in report["models"].values()):
+        print(f"\n{'model':14s} {'rank':>5s} {'statistics':>10s} {'Echo state/layer':>17s} {'KV/layer at 131k':>17s} "
+              f"{'KV / Echo':>10s}")
+        for name, result in report["models"].items():
+            for row in result.get("rank_sweep", []):
+                print(f"{name:14s} {row['rank']:>5d} {row['stats_dtype']:>10s} "
+                      f"{row['echo_state_bytes'] / 1024:>14.1f} KB {row['kv_cache_bytes_131k'] / 2**20:>14.1f} MB "
+                      f"{row['kv_over_echo']:>9.0f}x")
+    if any("decode" not in r for r in report["models"].values()):
+        return
     print(f"\n{'model':14s} {'context':>8s} {'echo_step us/tok':>17s} {'SDPA decode us/tok':>19s}")
     for name, result in report["models"].items():
         for row in result["decode"]:
@@ -159,6 +185,9 @@ def main() -> None:
                         help="tokens per decode timing (rounded to whole chunks)")
     parser.add_argument("--throughput-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5, help="timings report the best of these")
+    parser.add_argument("--sweep-ranks", type=int, nargs="*", default=[],
+                        help="ranks of the state-size table at 131k tokens (float32 and float64 statistics)")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -170,9 +199,12 @@ def main() -> None:
               "models": {}}
     for name in args.models:
         shape = SHAPES[name]
-        report["models"][name] = {"shape": shape, "memory": memory_rows(shape, args),
-                                  "decode": decode_rows(shape, args),
-                                  "throughput": throughput_row(shape, args)}
+        result = {"shape": shape, "memory": memory_rows(shape, args)}
+        if args.sweep_ranks:
+            result["rank_sweep"] = rank_sweep_rows(shape, args)
+        if not args.memory_only:
+            result.update(decode=decode_rows(shape, args), throughput=throughput_row(shape, args))
+        report["models"][name] = result
     print(json.dumps(report, indent=2))
     print_tables(report)
 

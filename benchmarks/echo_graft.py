@@ -1,7 +1,8 @@
 """Echo graft, model level (issue 6 item 6): decode time per token vs context, and the cache actually held.
 
     python3 benchmarks/echo_graft.py [--model tiny|smollm2-135m|gemma-3-270m] [--contexts 512 2048 8192]
-                                     [--replace-layers all|half] [--decode-steps 16] [--threads 2]
+                                     [--replace-layers all|half | --keep-layers 3 4] [--decode-steps 16]
+                                     [--threads 2] [--out DIR]
 
 For each context length C: prefill a random prompt of C tokens, then time ``--decode-steps`` one-token
 forwards through the cache, for (a) the base model with its own ``DynamicCache`` and (b) the same model
@@ -10,13 +11,15 @@ with an Echo graft in ``mode="replace"`` (window ``--window`` tokens, chunk ``--
 (median of the steps; each step is a whole-model forward, so per-token overhead shared by both is
 included) and the bytes the cache holds after those steps: KV of the replaced layers, KV of the other layers,
 and the Echo state. ``tiny`` is a random Llama (d 512, 4 layers, 8 heads of 64, no GQA) built in
-memory; the embedded checkpoints load from the local cache. Prints JSON, then a table.
+memory; the embedded checkpoints load from the local cache. ``--keep-layers``: replace every layer but these (issue 15: all but the few least replaceable).
+Prints JSON, then a table; ``--out``: also writes ``echo_graft_<model>.json`` and ``.md`` there.
 """
 
 import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -90,6 +93,9 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--replace-layers", default="all", choices=["all", "half"],
                         help="layers whose attention Echo replaces (half: full-attention layers first, then every other)")
+    parser.add_argument("--keep-layers", type=int, nargs="+", default=None,
+                        help="replace every layer but these (wins over --replace-layers)")
+    parser.add_argument("--out", default=None, help="directory for the JSON and markdown table")
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
@@ -102,7 +108,12 @@ def main() -> None:
 
     base = load(args.model)
     layers = base.config.num_hidden_layers
-    replaced = list(range(layers)) if args.replace_layers == "all" else half_of_layers(base)
+    if args.keep_layers is not None:
+        replaced = [i for i in range(layers) if i not in {k % layers for k in args.keep_layers}]
+        label = f"echo-replace-all-but-{','.join(map(str, args.keep_layers))}"
+    else:
+        replaced = list(range(layers)) if args.replace_layers == "all" else half_of_layers(base)
+        label = f"echo-replace-{args.replace_layers}"
     vocab = base.config.vocab_size
     rows = []
     for context in args.contexts:
@@ -121,22 +132,40 @@ def main() -> None:
     for context in args.contexts:
         cache = graft.make_cache()
         prefill, per_token = decode_run(model, cache, context, args.decode_steps, vocab)
-        rows.append({"model": args.model, "variant": f"echo-replace-{args.replace_layers}", "context": context,
+        rows.append({"model": args.model, "variant": label, "context": context,
                      "prefill_s": prefill, "decode_ms_per_token": 1e3 * per_token, **cache_bytes(cache, replaced)})
 
     report = {"settings": {**vars(args), "replaced_layers": replaced, "num_layers": layers,
-                           "torch_threads": torch.get_num_threads()}, "rows": rows}
+                           "torch_threads": torch.get_num_threads(), "dtype": str(base.dtype),
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, "rows": rows}
     print(json.dumps(report, indent=2))
-    print(f"\n{args.model}: decode per token (median of {args.decode_steps}) and cache held after it (context + "
-          f"{args.decode_steps + 2} tokens); Echo replaces {len(replaced)}/{layers} layers, window {args.window}, chunk {args.chunk_size}, "
-          f"rank {args.rank}")
-    header = f"{'variant':<22}{'context':>8}{'prefill s':>11}{'ms/token':>10}{'KV replaced':>14}" \
-             f"{'KV other':>12}{'Echo state':>12}"
-    print(header)
+    text = markdown(report)
+    print("\n" + text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"echo_graft_{args.model}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"echo_graft_{args.model}.md").write_text(text)
+
+
+def markdown(report: dict) -> str:
+    """The rows as a markdown table, each Echo row with its ratios to the base at the same context."""
+    s, rows = report["settings"], report["rows"]
+    base = {r["context"]: r for r in rows if r["variant"] == "base"}
+    held = lambda r: r["kv_bytes_replaced_layers"] + r["kv_bytes_other_layers"] + r["echo_state_bytes"]
+    lines = [(f"{s['model']} ({s['dtype']}, {s['torch_threads']} threads): decode time per token (median of "
+              f"{s['decode_steps']}) and the cache held after it (context + {s['decode_steps'] + 2} tokens); Echo "
+              f"replaces {len(s['replaced_layers'])}/{s['num_layers']} layers (window {s['window']}, chunk "
+              f"{s['chunk_size']}, rank {s['rank']})."), "",
+             ("| variant | context | prefill s | ms / token | KV, replaced layers | KV, other layers | Echo state | "
+              "held / base | ms / token / base |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        print(f"{r['variant']:<22}{r['context']:>8}{r['prefill_s']:>11.2f}{r['decode_ms_per_token']:>10.2f}"
-              f"{r['kv_bytes_replaced_layers'] / 2**20:>12.2f}MB{r['kv_bytes_other_layers'] / 2**20:>10.2f}MB"
-              f"{r['echo_state_bytes'] / 2**10:>10.1f}KB")
+        b = base[r["context"]]
+        lines.append(f"| {r['variant']} | {r['context']} | {r['prefill_s']:.2f} | {r['decode_ms_per_token']:.2f} | "
+                     f"{r['kv_bytes_replaced_layers'] / 2**20:.2f} MiB | {r['kv_bytes_other_layers'] / 2**20:.2f} MiB | "
+                     f"{r['echo_state_bytes'] / 2**10:.1f} KiB | {held(r) / held(b):.3f} | "
+                     f"{r['decode_ms_per_token'] / b['decode_ms_per_token']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

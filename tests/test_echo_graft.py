@@ -334,3 +334,33 @@ def test_a_row_gather_keeps_equal_phases_known_on_the_host():
     layer.update(layer.state, layer.seen, (1, 2))
     layer.reorder_cache(torch.tensor([0]))
     assert layer.phases is None
+
+
+# -- the window-only control -------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_only_control_has_no_echo_state_and_trains_a_stacked_lora_by_distillation(family):
+    """echo_branch=False: the window attention alone (the logits of a fresh replace-mode Echo, whose W_o = 0),
+    no Echo parameters or state; a LoRA stacked on it gets the distillation gradient and generation with the
+    window cache equals the full forward."""
+    from graftlm.adapters import LoRAConfig
+
+    fresh = logits(attach_adapter(build_tiny_model(family), echo_config("replace", window=4)))
+    model = attach_adapter(build_tiny_model(family), echo_config("replace", window=4, echo_branch=False,
+                                                                 distill_weight=1.0))
+    graft = model.grafts["default"]
+    assert not list(graft.parameters()) and torch.equal(logits(model), fresh)
+    model = attach_adapter(model, LoRAConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]), "lora")
+    terms = graft.training_loss(model, {"input_ids": IDS})
+    assert terms["distill_loss"] > 0
+    terms["loss"].backward()
+    lora_grads = [p.grad for p in model.graft_parameters()]
+    assert lora_grads and all(g is not None for g in lora_grads) and any(g.abs().sum() > 0 for g in lora_grads)
+    with torch.no_grad():
+        for p in model.graft_parameters():
+            p.add_(0.1)
+    prompt = IDS[:, :13]
+    out, decoded = generate_logits(model, prompt, 9)
+    assert out.past_key_values.echo == {}
+    torch.testing.assert_close(decoded, logits(model, out.sequences)[:, prompt.shape[1] - 1:-1], atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="echo_branch"):
+        EchoConfig(mode="parallel", echo_branch=False)

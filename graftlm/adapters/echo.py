@@ -102,6 +102,9 @@ class EchoConfig(GraftConfig):
     distill_weight: float = field(default=0.0, metadata={
         "help": "Replace mode: weight of the MSE between each layer's window attention + Echo output and "
                 "its frozen full-attention output (LoLCATs); 0 = LM loss only.", "min": 0.0})
+    echo_branch: bool = field(default=True, metadata={
+        "help": "False: no Echo branch and no Echo parameters (replace mode only: the window attention alone, "
+                "the control that isolates the Echo state; stack a LoRA to give it a trainable budget)."})
     ramp_fraction: float = field(default=0.0, metadata={
         "help": "Replace mode, recipes training: over this fraction of the steps the ramp rises linearly "
                 "from 0 to replace_ramp (Graft.on_train_step), then holds; 0 = replace_ramp throughout.",
@@ -111,6 +114,9 @@ class EchoConfig(GraftConfig):
         if self.distill_weight > 0 and self.mode != "replace":
             raise self.error("distill_weight", "needs mode='replace' (in parallel mode the frozen attention output "
                                                f"is already part of the layer's output), got {self.distill_weight}")
+        if not self.echo_branch and self.mode != "replace":
+            raise self.error("echo_branch", "false needs mode='replace' (in parallel mode there would be nothing "
+                                            f"to graft), got mode={self.mode!r}")
         if self.ramp_fraction > 0 and self.mode != "replace":
             raise self.error("ramp_fraction", f"needs mode='replace', got {self.ramp_fraction} with "
                                               f"mode={self.mode!r}")
@@ -164,7 +170,7 @@ class EchoGraft(Graft):
         heads = config.num_heads or base.num_attention_heads
         self.branches = nn.ModuleDict({
             str(i): EchoBranch(base.hidden_size, heads, config.rank, config.value_dim or head_dim)
-            for i in self.layer_indices
+            for i in (self.layer_indices if config.echo_branch else [])
         })
         self.settings = EchoSettings(config.power, config.chunk_size, config.eps, STATS_DTYPES[config.stats_dtype])
         self.window = config.window or config.chunk_size
@@ -283,21 +289,23 @@ class EchoGraft(Graft):
             if ramp == 0.0 and not distilling:
                 return output
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            echo_out = self._echo_output(index, x, cache_from_kwargs(kwargs))
+            echo_out = self._echo_output(index, x, cache_from_kwargs(kwargs)) if self.config.echo_branch else None
             if distilling:
                 self._record_distillation(index, module, echo_out)
-            if ramp == 0.0:
+            if ramp == 0.0 or echo_out is None:
                 return output
             return attn_out + (echo_out if ramp == 1.0 else ramp * echo_out), weights
 
         return hook
 
-    def _record_distillation(self, index: int, attention: nn.Module, echo_out: torch.Tensor) -> None:
+    def _record_distillation(self, index: int, attention: nn.Module, echo_out: torch.Tensor | None) -> None:
         full, window = self._pending.pop(index)
         flat = lambda t: t.reshape(*t.shape[:2], -1)
         teacher = attention.o_proj(flat(full)).detach()
-        student = attention.o_proj(flat(window)) + echo_out
-        keep = self._keep(echo_out.shape[1])
+        student = attention.o_proj(flat(window))
+        if echo_out is not None:
+            student = student + echo_out
+        keep = self._keep(student.shape[1])
         if keep is None:
             term = F.mse_loss(student.float(), teacher.float())
         else:  # the mean over real tokens only, without indexing by the mask (a host sync)
@@ -375,7 +383,8 @@ class EchoGraft(Graft):
         windows = {}
         if self.replaces and self.replace_ramp == 1.0:
             windows = {i: self.window for i in self.layer_indices}
-        return EchoCache(self.base_model.config, echo_layers=self.layer_indices, window_layers=windows)
+        echo_layers = self.layer_indices if self.config.echo_branch else []
+        return EchoCache(self.base_model.config, echo_layers=echo_layers, window_layers=windows)
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Supply ``make_cache()`` as the cache (unless the caller passed an EchoCache, or

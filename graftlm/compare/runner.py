@@ -38,8 +38,9 @@ def load_base(spec: CompareSpec):
 
 
 def training_texts(spec: CompareSpec, tokenizer: Any, eval_sets: Sequence[EvalSet]):
-    """(train texts, held-out texts for the eval loss, number of training examples dropped as overlap)."""
-    from graftlm.recipes.sources import load_training_data, make_task, task_texts
+    """(train texts, held-out texts for the eval loss, number of training examples dropped as overlap).
+    The overlap check applies to a task as the main source; ``data.mix`` sources are appended as they are."""
+    from graftlm.recipes.sources import load_mixed_data, load_training_data, make_task, task_texts
 
     data = spec.data
     if data.task is None:
@@ -52,8 +53,9 @@ def training_texts(spec: CompareSpec, tokenizer: Any, eval_sets: Sequence[EvalSe
     split = len(kept) - min(data.n_eval, len(kept))
     if split < 1:
         raise RecipeError(f"data: every training example of task {data.task!r} is also a held-out question")
-    return task_texts(task, kept[:split], data.answer_end), task_texts(task, kept[split:], data.answer_end), \
-        len(examples) - len(kept)
+    mixed_train, mixed_held_out = load_mixed_data(data, tokenizer)
+    return (task_texts(task, kept[:split], data.answer_end) + mixed_train,
+            task_texts(task, kept[split:], data.answer_end) + mixed_held_out, len(examples) - len(kept))
 
 
 def trainable_count(spec: CompareSpec, system: SystemSpec, base) -> int:
@@ -68,15 +70,19 @@ def trainable_count(spec: CompareSpec, system: SystemSpec, base) -> int:
 
 
 def resolved_grafts(spec: CompareSpec, system: SystemSpec, base) -> list[dict[str, Any]]:
-    """The system's graft list, with a ``budget_of`` LoRA given the rank closest to its target's budget."""
-    from graftlm.recipes.budget import lora_rank_for_budget
+    """The system's graft list, its ``budget_of`` LoRA given the rank that brings the system's trainable count
+    (its other grafts' included) closest to the target's."""
+    from graftlm.compare.spec import with_lora_rank
+    from graftlm.recipes.budget import lora_params_per_rank, lora_rank_for_budget
 
     if system.budget_of is None:
         return copy.deepcopy(system.grafts)
     budget = trainable_count(spec, spec.system(system.budget_of), base)
-    graft = dict(system.grafts[0])
-    rank = lora_rank_for_budget(base, budget, graft.get("target_modules"), graft.get("target_layers"))
-    return [{**graft, "r": rank}]
+    lora = next(g for g in system.grafts if g.get("type") == "lora")
+    where = (lora.get("target_modules"), lora.get("target_layers"))
+    at_rank_one = SystemSpec(system.name, with_lora_rank(system.grafts, 1), train=system.train)
+    others = trainable_count(spec, at_rank_one, base) - lora_params_per_rank(base, *where)
+    return with_lora_rank(system.grafts, lora_rank_for_budget(base, max(1, budget - others), *where))
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@
         train: {lr: 3.0e-2}                  # optimisation settings only
       - name: LoRA, SST's budget
         graft: {type: lora, target_modules: [v_proj]}
-        budget_of: SST + LoRA r=8            # LoRA rank whose parameter count is closest to that system's
+        budget_of: SST + LoRA r=8            # the LoRA rank that brings the system's parameter count (its
+                                             # other grafts' included) closest to that system's
       - name: attractor
         graft: {type: attractor}
         variants: {"1 iteration": {min_iter: 1, max_iter: 1}}   # extra rows: config fields set at eval
@@ -255,11 +256,19 @@ def _build_systems(values: Any, problems: list[str]) -> list[SystemSpec]:
         target = next((s for s in systems if s.name == system.budget_of), None)
         if target is None or not target.trained or target is system:
             problems.append(f"systems.{system.name}.budget_of: {system.budget_of!r} is not another trained system")
-        if not (system.grafts and len(system.grafts) == 1 and system.grafts[0].get("type") == "lora"):
-            problems.append(f"systems.{system.name}.budget_of: only a single LoRA graft can be sized to a budget")
-        elif "r" in system.grafts[0]:
+        loras = [g for g in system.grafts or [] if isinstance(g, dict) and g.get("type") == "lora"]
+        if len(loras) != 1:
+            problems.append(f"systems.{system.name}.budget_of: the system needs exactly one LoRA graft to size to "
+                            f"the budget, it has {len(loras)}")
+        elif "r" in loras[0]:
             problems.append(f"systems.{system.name}: give `r` or `budget_of`, not both")
     return systems
+
+
+def with_lora_rank(grafts: list[Any], rank: int) -> list[Any]:
+    """A copy of a graft list with rank ``rank`` set on its LoRA graft(s)."""
+    return [{**g, "r": rank} if isinstance(g, dict) and g.get("type") == "lora" else copy.deepcopy(g)
+            for g in grafts]
 
 
 def _build_pairs(values: Any, systems: list[SystemSpec], problems: list[str]) -> list[tuple[str, str]]:
@@ -328,8 +337,8 @@ def _check_recipes(raw: dict[str, Any], systems: list[SystemSpec], seed: int, pr
         if system.grafts is None:
             continue
         grafts = system.grafts
-        if system.budget_of is not None and grafts and isinstance(grafts[0], dict):
-            grafts = [{**grafts[0], "r": 1}]
+        if system.budget_of is not None:
+            grafts = with_lora_rank(grafts, 1)
         try:
             system_recipe(raw, system, seed, "unused", grafts)
         except RecipeError as err:
@@ -338,8 +347,9 @@ def _check_recipes(raw: dict[str, Any], systems: list[SystemSpec], seed: int, pr
 
 
 def quick_overrides(raw: dict[str, Any]) -> dict[str, Any]:
-    """A CI-sized copy of a raw spec (``--quick``): 2 steps, 16 training examples, 8 held-out examples per
-    evaluation, the first training seed; everything else (systems, grafts, tasks) unchanged."""
+    """A CI-sized copy of a raw spec (``--quick``): 2 steps, 16 training examples (per task source, ``mix``
+    included; a dataset gives all its rows), 8 held-out examples per evaluation, the first training seed;
+    everything else (systems, grafts, tasks) unchanged."""
     quick = copy.deepcopy(raw)
     train = quick.setdefault("train", {})
     train["steps"] = min(int(train.get("steps") or 2), 2)
@@ -347,8 +357,9 @@ def quick_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     train["batch_size"] = min(int(train.get("batch_size", 8)), 4)
     train["eval_every"] = 0
     data = quick.setdefault("data", {})
-    data["n_train"] = min(int(data.get("n_train", 16)), 16)
-    data["n_eval"] = min(int(data.get("n_eval", 4)), 4)
+    for section in [data] + [m for m in data.get("mix") or [] if isinstance(m, dict)]:
+        section["n_train"] = min(int(section.get("n_train", 16)), 16)
+        section["n_eval"] = min(int(section.get("n_eval", 4)), 4)
     for item in quick.get("evals") or []:
         if isinstance(item, dict):
             item["n"] = min(int(item.get("n", 8)), 8)

@@ -64,6 +64,11 @@ class DataSection:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     data_files: list[str] | None = field(default=None, metadata={"help": "Data files of a builder dataset."})
+    load_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "More keyword arguments of datasets.load_dataset, e.g. {sample_by: document} for the "
+                          "text builder (one row per file, line breaks kept; the default is one row per line)."},
+    )
     split: str = field(default="train", metadata={"help": "Split of `dataset` to train on."})
     eval_split: str | None = field(
         default=None, metadata={"help": "Held-out split of `dataset`; default: n_eval examples held out of `split`."}
@@ -85,6 +90,13 @@ class DataSection:
     )
     packing: bool = field(
         default=False, metadata={"help": "Plain text: concatenate the texts and cut them into max_length blocks."}
+    )
+    mix: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "More training sources mixed into this one: each a data mapping of its own (a task or a "
+                          "dataset, with its own n_train, n_eval, seed, fields and packing; not mix or max_length, "
+                          "which they share); their examples join the training and held-out sets and the batches "
+                          "draw from the union in a seeded shuffle."},
     )
     n_train: int = field(default=1024, metadata={"help": "Training examples generated from the task."})
     n_eval: int = field(default=64, metadata={"help": "Held-out examples for the eval loss (0: no eval)."})
@@ -332,6 +344,8 @@ def _check_data(data: DataSection, problems: list[str]) -> None:
         for name in ("dataset_config", "data_files", "eval_split", "eval_dataset", "text_field", "messages_field"):
             if getattr(data, name) is not None:
                 problems.append(f"data.{name}: set, but the data is a task (it applies to data.dataset)")
+        if data.load_kwargs:
+            problems.append("data.load_kwargs: set, but the data is a task (it applies to data.dataset)")
     if data.text_field is not None and data.messages_field is not None:
         problems.append("data: give at most one of `text_field` (plain text) and `messages_field` (chat)")
     if data.packing and data.text_field is None:
@@ -343,6 +357,24 @@ def _check_data(data: DataSection, problems: list[str]) -> None:
             problems.append(f"data.{name}: must be >= 1, got {getattr(data, name)}")
     if data.n_eval < 0:
         problems.append(f"data.n_eval: must be >= 0, got {data.n_eval}")
+    for index, item in enumerate(data.mix):
+        where = f"data.mix.{index}"
+        for shared in ("mix", "max_length"):
+            if shared in item:
+                problems.append(f"{where}.{shared}: the mixed sources share the main data section's {shared}")
+        if not any(key in item for key in ("mix", "max_length")):
+            section = _build_section(DataSection, item, where, problems)
+            if section is not None:
+                inner: list[str] = []
+                _check_data(section, inner)
+                problems.extend(p.replace("data.", f"{where}.", 1) if p.startswith("data.") else
+                                p.replace("data:", f"{where}:", 1) for p in inner)
+
+
+def mixed_sections(data: DataSection) -> list[DataSection]:
+    """The validated data sections of ``data.mix`` (each with the main section's ``max_length``)."""
+    return [_build_section(DataSection, {**item, "max_length": data.max_length}, f"data.mix.{i}", [])
+            for i, item in enumerate(data.mix)]
 
 
 def _check_train(train: TrainSection, problems: list[str]) -> None:

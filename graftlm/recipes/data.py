@@ -52,6 +52,7 @@ class TrainingText:
     completion's last token is the one running text has) and then cut off, never trained on.
     ``add_special_tokens``: let the tokenizer add its own special tokens (Gemma's ``<bos>``); False for text
     already rendered by a chat template, which carries them. ``eos``: end with the tokenizer's EOS id.
+    ``pack``: plain text to be packed into blocks with the other packed texts (a source with ``packing``).
     """
 
     prompt: str
@@ -59,6 +60,7 @@ class TrainingText:
     add_special_tokens: bool = True
     eos: bool = False
     context: str = ""
+    pack: bool = False
 
 
 def completion_text(answer: str, prefix: str = "", answer_end: AnswerEnd = "eos") -> tuple[str, bool]:

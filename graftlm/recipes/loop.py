@@ -190,10 +190,19 @@ class _Meter:
 
 
 def tokenize_data(texts: list[TrainingText], tokenizer: Any, recipe: Recipe, what: str = "training set"):
-    """The tokenized dataset of ``texts``: packed blocks for plain text with ``data.packing``, else one row each."""
-    if recipe.data.packing:
-        return pack_texts([t.prompt + t.completion for t in texts], tokenizer, recipe.data.max_length, what)
-    return tokenize_texts(texts, tokenizer, recipe.data.max_length, what)
+    """The tokenized dataset of ``texts``: one row each, except the texts to pack (those of a source with
+    ``packing``, and plain texts given directly when ``data.packing``), which become blocks of ``max_length``
+    tokens. With both kinds (a ``data.mix``) the blocks come first, then the rows."""
+    from datasets import concatenate_datasets
+
+    packed = lambda t: t.pack or (recipe.data.packing and t.prompt == "")
+    parts = []
+    if any(packed(t) for t in texts):
+        parts.append(pack_texts([t.prompt + t.completion for t in texts if packed(t)], tokenizer,
+                                recipe.data.max_length, what))
+    if not texts or not all(packed(t) for t in texts):
+        parts.append(tokenize_texts([t for t in texts if not packed(t)], tokenizer, recipe.data.max_length, what))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def _detached(value: Any) -> torch.Tensor | float:

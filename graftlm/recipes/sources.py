@@ -25,14 +25,30 @@ from typing import Any
 
 import torch
 
-from graftlm.recipes.config import DataSection, RecipeError
+from graftlm.recipes.config import DataSection, RecipeError, mixed_sections
 from graftlm.recipes.data import Example, TrainingText, texts_from_examples
 
 JSON_SUFFIXES = (".jsonl", ".json")
 
 
 def load_training_data(data: DataSection, tokenizer: Any = None) -> tuple[list[TrainingText], list[TrainingText]]:
-    """(train, held-out) `TrainingText`s of a recipe's data section."""
+    """(train, held-out) `TrainingText`s of a recipe's data section, its ``mix`` sources' appended."""
+    train, held_out = load_source_data(data, tokenizer)
+    more_train, more_held_out = load_mixed_data(data, tokenizer)
+    return train + more_train, held_out + more_held_out
+
+
+def load_mixed_data(data: DataSection, tokenizer: Any = None) -> tuple[list[TrainingText], list[TrainingText]]:
+    """(train, held-out) `TrainingText`s of the ``data.mix`` sources only."""
+    train, held_out = [], []
+    for section in mixed_sections(data):
+        more_train, more_held_out = load_source_data(section, tokenizer)
+        train, held_out = train + more_train, held_out + more_held_out
+    return train, held_out
+
+
+def load_source_data(data: DataSection, tokenizer: Any = None) -> tuple[list[TrainingText], list[TrainingText]]:
+    """(train, held-out) `TrainingText`s of one source (the section's task or dataset, not its mix)."""
     if data.task is not None:
         return task_training_data(data, tokenizer)
     train_rows, eval_rows, source = load_rows(data)
@@ -99,7 +115,8 @@ def read_jsonl(path: str | Path, option: str = "dataset") -> list[dict[str, Any]
     return rows
 
 
-def _load_datasets_source(source: str, config: str | None, data_files: list[str] | None, option: str):
+def _load_datasets_source(source: str, config: str | None, data_files: list[str] | None, option: str,
+                          load_kwargs: dict[str, Any] | None = None):
     import datasets
 
     path = Path(source)
@@ -107,7 +124,7 @@ def _load_datasets_source(source: str, config: str | None, data_files: list[str]
         if path.is_dir() and any((path / name).exists() for name in ("dataset_dict.json", "dataset_info.json",
                                                                       "state.json")):
             return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(source, config, data_files=data_files)
+        return datasets.load_dataset(source, config, data_files=data_files, **(load_kwargs or {}))
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds; the user needs the source named
         raise RecipeError(f"data.{option}: cannot load {source!r} with datasets ({type(err).__name__}: {err})") from None
 
@@ -121,7 +138,7 @@ def read_split(source: str, split: str, data: DataSection, what: str = "split", 
         return read_jsonl(source, option)
     if source.endswith(JSON_SUFFIXES) and not Path(source).exists() and not data.data_files:
         raise RecipeError(f"data.{option}: file {source} does not exist")
-    loaded = _load_datasets_source(source, data.dataset_config, data.data_files, option)
+    loaded = _load_datasets_source(source, data.dataset_config, data.data_files, option, data.load_kwargs)
     if hasattr(loaded, "keys"):
         if split not in loaded:
             raise RecipeError(f"data.{what}: {split!r} is not a split of {source}; its splits: "
@@ -181,7 +198,15 @@ def render_messages(messages: list, tokenizer: Any, where: str) -> TrainingText:
 
 def check_data_source(data: DataSection) -> list[str]:
     """The problems of a recipe's data that show without the model or tokenizer: the task must exist and take
-    its kwargs; the dataset (and eval_dataset) must load and every row must have the fields named."""
+    its kwargs; the dataset (and eval_dataset) must load and every row must have the fields named; the same
+    for every ``mix`` source."""
+    problems = check_one_source(data)
+    for index, section in enumerate(mixed_sections(data)):
+        problems += [f"data.mix.{index}: {p}" for p in check_one_source(section)]
+    return problems
+
+
+def check_one_source(data: DataSection) -> list[str]:
     if data.task is not None:
         try:
             make_task(data.task, data.task_kwargs).examples(1, data.seed)
@@ -213,7 +238,7 @@ def rows_to_texts(rows: list[dict], data: DataSection, tokenizer: Any, source: s
     texts = []
     for row in rows:
         if data.text_field is not None:
-            texts.append(TrainingText("", _field(row, data.text_field, "text_field"), eos=True))
+            texts.append(TrainingText("", _field(row, data.text_field, "text_field"), eos=True, pack=data.packing))
         elif data.messages_field is not None:
             texts.append(render_messages(_field(row, data.messages_field, "messages_field", list), tokenizer,
                                          row["_where"]))

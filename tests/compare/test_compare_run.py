@@ -106,8 +106,10 @@ def test_spec_validation_names_each_problem(tiny_dir, tmp_path):
 def test_quick_overrides_shrink_a_spec_but_keep_its_systems(tiny_dir, tmp_path):
     raw = spec_raw(tiny_dir, tmp_path)
     raw["train"]["steps"], raw["seeds"], raw["evals"][0]["n"] = 300, [0, 1, 2], 300
+    raw["data"]["mix"] = [{"task": "mqar", "n_train": 500, "n_eval": 50}]
     quick = build_compare_spec(quick_overrides(raw))
     assert quick.train["steps"] == 2 and quick.seeds == [0] and quick.evals[0].n == 8
+    assert quick.data.mix == [{"task": "mqar", "n_train": 16, "n_eval": 4}] and raw["data"]["mix"][0]["n_train"] == 500
     assert [s.name for s in quick.systems] == [s["name"] for s in raw["systems"]]
 
 
@@ -120,3 +122,34 @@ def test_cli_dry_run_and_bad_spec_exit_codes(tiny_dir, tmp_path, capsys):
     assert "steps: 7" in capsys.readouterr().out
     assert graftlm_main(["compare", str(path), "--dry-run", "--train.batch_size", "0"]) == 2
     assert "train.batch_size: must be >= 1" in capsys.readouterr().err
+
+
+def test_budget_of_sizes_the_lora_of_a_stack_and_counts_its_other_grafts(tiny_dir, tmp_path):
+    """A window-only Echo (no parameters) + LoRA sized to an Echo system's budget, trained on a task with a
+    second task mixed in; the stack's trainable count lands within one LoRA rank of the target's."""
+    from graftlm.recipes.budget import lora_params_per_rank
+
+    echo = {"type": "echo", "mode": "replace", "rank": 2, "chunk_size": 4, "window": 4, "distill_weight": 1.0}
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    raw = spec_raw(tiny_dir, tmp_path / "out")
+    raw["data"]["mix"] = [{"task": "mqar", "task_kwargs": {"num_pairs": 2, "num_queries": 1}, "n_train": 8,
+                           "n_eval": 2}]
+    raw["reference"] = "Echo"
+    del raw["pairs"]
+    raw["systems"] = [{"name": "Echo", "graft": echo},
+                      {"name": "window only + LoRA", "budget_of": "Echo",
+                       "graft": [{**echo, "echo_branch": False}, {"type": "lora", "target_modules": mlp}]}]
+    report = run_compare(build_compare_spec(raw), progress=False)
+    records = {r["system"]: r for r in report["records"]}
+    control = records["window only + LoRA"]
+    assert control["grafts"][0]["echo_branch"] is False and control["grafts"][1]["r"] >= 1
+    from graftlm.models import load_model
+
+    per_rank = lora_params_per_rank(load_model(tiny_dir)[0], mlp)
+    assert abs(control["trainable_params"] - records["Echo"]["trainable_params"]) <= per_rank // 2 + 1
+    info = report["data_info"]  # the task's 24 training examples less overlaps with the eval, the mix's 8
+    assert info["train_examples"] + info["dropped_as_eval_overlap"] == 24 + 8
+    assert info["held_out_for_eval_loss"] == 4 + 2
+    raw["systems"][1]["graft"].append({"type": "lora", "r": 2})
+    with pytest.raises(RecipeError, match="needs exactly one LoRA graft to size to the budget, it has 2"):
+        build_compare_spec(raw)

@@ -89,3 +89,42 @@ def test_chat_messages_are_rendered_with_the_template_and_only_the_reply_is_scor
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
     with pytest.raises(RecipeError, match="the last message must be the assistant's"):
         load_training_data(_data(dataset=str(path), messages_field="messages", n_eval=0), tokenizer)
+
+
+def test_text_builder_takes_load_kwargs_whole_files(tmp_path):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"doc{i}.txt"
+        path.write_text(f"document {i}\nsecond line of {i}\n")
+        paths.append(str(path))
+    train, held_out = load_training_data(_data(dataset="text", data_files=paths, text_field="text", n_eval=1,
+                                               load_kwargs={"sample_by": "document"}))
+    assert len(train) + len(held_out) == 3 and all("\nsecond line of" in t.completion for t in train)
+    with pytest.raises(RecipeError, match="data.load_kwargs: set, but the data is a task"):
+        _data(task="mqar", load_kwargs={"sample_by": "document"})
+
+
+def test_a_task_mixed_into_packed_text_gives_blocks_then_rows(tmp_path):
+    from graftlm.recipes.loop import tokenize_data
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"line number {i} of a small corpus" for i in range(40)))
+    raw = {**MINIMAL, "data": {"dataset": "text", "data_files": [str(path)], "text_field": "text", "packing": True,
+                               "max_length": 256, "n_eval": 4,
+                               "mix": [{"task": "mqar", "task_kwargs": {"num_pairs": 2, "num_queries": 1},
+                                        "n_train": 5, "n_eval": 2}]}}
+    recipe = build_recipe(raw)
+    train, held_out = load_training_data(recipe.data)
+    assert (len(train), len(held_out)) == (36 + 5, 4 + 2)
+    assert sum(t.pack for t in train) == 36 and all(t.prompt for t in train if not t.pack)
+    tokenized = tokenize_data(train, CharTokenizer(), recipe)
+    blocks = pack_texts([t.completion for t in train if t.pack], CharTokenizer(), 256)
+    assert tokenized["input_ids"][: len(blocks)] == blocks["input_ids"]
+    rows = tokenize_texts([t for t in train if not t.pack], CharTokenizer(), 256)
+    assert tokenized["input_ids"][len(blocks):] == rows["input_ids"] and len(rows) == 5
+    for key, value, message in (("max_length", 8, "data.mix.0.max_length: the mixed sources share"),
+                                ("packing", True, "data.mix.0.packing: applies to plain text only"),
+                                ("bogus", 1, "data.mix.0.bogus: unknown key")):
+        bad = {**raw, "data": {**raw["data"], "mix": [{**raw["data"]["mix"][0], key: value}]}}
+        with pytest.raises(RecipeError, match=message):
+            build_recipe(bad)

@@ -202,3 +202,21 @@ def test_lora_rank_for_budget_is_closest():
     assert lora_rank_for_budget(model, 1) == 1
     with pytest.raises(ValueError, match="no Linear module"):
         lora_rank_for_budget(model, 100, ["nope"])
+
+
+def test_shipped_echo_recipe_and_its_compare_spec_load():
+    """The issue-15 recipe (Echo replacing all but a few layers, text + MQAR mix) and its compare spec validate."""
+    from pathlib import Path
+
+    from graftlm.compare.spec import load_compare_spec
+
+    import_graft_modules()
+    recipe = load_recipe("echo-replace-smollm2-135m")
+    config = recipe.grafts[0].config
+    assert (config.mode, config.power, config.distill_weight > 0) == ("replace", 0, True)
+    assert 26 <= len(config.target_layers) <= 28 and recipe.data.packing and recipe.data.mix[0]["task"] == "mqar"
+    spec = load_compare_spec(Path(__file__).parents[2] / "benchmarks" / "compare" / "echo_replace_most.yaml")
+    systems = {s.name: s for s in spec.systems}
+    assert systems["window only + LoRA"].budget_of == "Echo K=0"
+    assert {systems[f"Echo K={k}"].grafts[0]["power"] for k in range(3)} == {0, 1, 2}
+    assert all(s.grafts[0]["target_layers"] == config.target_layers for s in spec.systems if s.grafts)
