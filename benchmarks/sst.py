@@ -51,7 +51,7 @@ def measure(name: str, seq: int, batch: int, decode: int, repeats: int) -> dict:
     sst = attach_adapter(sst_base, SSTConfig())
     graft = sst.grafts["default"]
     graft.set_blend(0.03, 1.0)
-    blend, gates = graft.blend_raw.numel(), graft.gate.numel()
+    blend, gates = graft.blend_unfolded.numel(), graft.gate_unfolded.numel()
     probe = graft.probe_weight.numel() + graft.probe_bias.numel()
     rank = lora_rank_for_budget(lora_base, blend + gates, ["v_proj"])
     lora = attach_adapter(lora_base, LoRAConfig(r=rank, target_modules=["v_proj"]))
