@@ -194,6 +194,7 @@ def test_detach_and_disable_are_exact(tiny_model):
 from graftlm.adapters.sst_deliberation import (
     collect_depth_labels,
     fit_halting_probe,
+    generate_at_depths,
     generate_with_deliberation,
     probe_depths,
 )
@@ -294,3 +295,16 @@ def test_deliberation_past_the_sliding_window_of_gemma():
         graft.set_cache_states(prefix, first)
         logits = model(input_ids=prompt[:, -1:], past_key_values=prefix, use_cache=True).logits
     assert out.sequences[0, 13] == logits[0, -1].argmax()
+
+
+def test_one_prefill_for_every_depth_equals_a_run_per_depth(tiny_model):
+    model = sst_model(tiny_model, a=0.1, prefill_mode="exact")
+    prompt = torch.cat([IDS[:, :11], IDS[:, 2:13]])  # 11 tokens: past Gemma's sliding window of 8
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    together = generate_at_depths(model, prompt, mask, max_new_tokens=4, depths=(1, 2, 4))
+    for depth, out in zip((1, 2, 4), together):
+        alone = generate_with_deliberation(model, prompt, mask, max_new_tokens=4, depth=depth)
+        assert torch.equal(out.sequences, alone.sequences) and out.depths.tolist() == [depth, depth]
+        torch.testing.assert_close(out.first_logits, alone.first_logits)
+    assert not torch.equal(together[0].first_logits, together[2].first_logits)  # depth changes the logits

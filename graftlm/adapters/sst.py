@@ -118,8 +118,10 @@ class _Run:
     """What one top-level forward does in the hooks: mode, per-layer states, recorded states."""
 
     def __init__(self, mode: str, token_mask: torch.Tensor | None, cache: Any = None,
-                 initial: dict[int, torch.Tensor] | None = None, states: dict[int, torch.Tensor] | None = None):
+                 initial: dict[int, torch.Tensor] | None = None, states: dict[int, torch.Tensor] | None = None,
+                 coefficients: torch.Tensor | None = None):
         self.mode = mode  # "record" | "provided" | "sequential"
+        self.coefficients = coefficients  # c [L_g, d] computed once (no-grad forwards), else None
         self.token_mask = token_mask  # [B, T] float, 1 at real tokens
         self.cache = cache
         self.initial = initial or {}  # layer -> [B, d] state before the first position
@@ -239,8 +241,11 @@ class SSTGraft(Graft):
         cache = cache_from_kwargs(kwargs)
         initial = getattr(cache, CACHE_ATTRIBUTE, None) or {}
         mode = self.config.train_mode if module.training else self.config.prefill_mode
+        # Without grad (decode, evaluation) c is computed once per forward, not once per layer; with grad it
+        # is computed inside each layer's hook, where gradient checkpointing's recomputation finds it.
+        coefficients = None if torch.is_grad_enabled() else self.blend_coefficients()
         if length == 1 or mode == "exact":
-            self._run = _Run("sequential", token_mask, cache, initial)
+            self._run = _Run("sequential", token_mask, cache, initial, coefficients=coefficients)
             return
         recorded = self._first_pass(module, kwargs, input_ids, embeds, cache)
         states = {}
@@ -252,7 +257,7 @@ class SSTGraft(Graft):
             first = initial.get(layer_index)
             first = torch.zeros_like(source[:, 0]) if first is None else first.to(source.dtype)
             states[layer_index] = torch.cat([first[:, None], source[:, :-1]], dim=1)
-        self._run = _Run("provided", token_mask, cache, initial, states)
+        self._run = _Run("provided", token_mask, cache, initial, states, coefficients)
         return
 
     def _first_pass(self, module, kwargs, input_ids, embeds, cache) -> dict[int, torch.Tensor]:
@@ -296,7 +301,8 @@ class SSTGraft(Graft):
                 run.residual_in[layer_index] = h
             if run.mode == "record":
                 return None
-            coefficient = self.blend_coefficients()[row]
+            coefficients = run.coefficients if run.coefficients is not None else self.blend_coefficients()
+            coefficient = coefficients[row]
             if run.mode == "provided":
                 states = run.states.get(layer_index)
                 if states is None:
@@ -310,6 +316,8 @@ class SSTGraft(Graft):
         """The exact recurrence over the positions of ``h`` [B, T, d]; returns the FFN inputs u [B, T, d]."""
         state = run.initial.get(layer_index)
         state = torch.zeros_like(h[:, 0]) if state is None else state.to(h.dtype)
+        if h.shape[1] == 1:  # one decode step: nothing to carry inside the chunk
+            return blend(h, state[:, None], coefficient)
         mask = run.token_mask.to(h.dtype)
         inputs = []
         for t in range(h.shape[1]):
@@ -340,8 +348,10 @@ class SSTGraft(Graft):
             state = output
             if self.config.state_source == "residual":
                 state = run.residual_in[layer_index] + output
-            state = state * run.token_mask.to(state.dtype)[..., None]
-            run.recorded[layer_index] = state.detach() if run.mode == "record" else state[:, -1]
+            if run.mode == "record":
+                run.recorded[layer_index] = (state * run.token_mask.to(state.dtype)[..., None]).detach()
+            else:  # only the last position's state is carried on
+                run.recorded[layer_index] = state[:, -1] * run.token_mask[:, -1:].to(state.dtype)
             return
 
         return hook
