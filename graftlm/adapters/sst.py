@@ -381,8 +381,7 @@ def blend(h: torch.Tensor, state: torch.Tensor, coefficient: torch.Tensor) -> to
     """u = h + c (s - h) = (1 - c) h + c s, computed in float32 and returned in h's dtype
     (`graftlm.dtype_policy`): h, state [..., d] in the base's dtype, coefficient [d] float32.
     With c = 0 it is h bit for bit in any dtype."""
-    h32 = to_graft(h)
-    return to_base(h32 + coefficient * (to_graft(state) - h32), h)
+    return to_base(torch.lerp(to_graft(h), to_graft(state), coefficient), h)
 
 
 def _token_mask(attention_mask: Any, batch: int, length: int, device) -> torch.Tensor:
