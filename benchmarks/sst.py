@@ -118,8 +118,8 @@ def measure(name: str, seq: int, batch: int, decode: int, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | blend + gates | SST 2-pass step / LoRA same budget | SST+LoRA r8 2-pass step / LoRA r8 | "
-             "decode ms/token base / SST d=1 (ratio) | generate base / deliberation d=1, d=4 (ratios) |",
+    lines = [("| model | blend + gates | SST 2-pass step / LoRA same budget | SST+LoRA r8 2-pass step / LoRA r8 | "
+             "decode ms/token base / SST d=1 (ratio) | generate base / deliberation d=1, d=4 (ratios) |"),
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(

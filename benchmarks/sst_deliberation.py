@@ -165,8 +165,8 @@ def _run_depths_at_one(model, tokenizer, task, examples, batch_size: int) -> lis
 def markdown(result: dict, command: str) -> str:
     lines = [f"## SST deliberation: {result['system']} (seed {result['seed']}), {result['spec']}", "",
              f"`{command}`", "",
-             f"{result['n_held_out']} held-out questions, exact prefill; probe fitted on {result['n_probe']} training "
-             f"questions; {result['wall_s']:.0f} s.", "",
+             (f"{result['n_held_out']} held-out questions, exact prefill; probe fitted on {result['n_probe']} training "
+             f"questions; {result['wall_s']:.0f} s."), "",
              "| row | accuracy | 95% interval | vs depth 1 | McNemar p | only this / only depth 1 |",
              "|---|---|---|---|---|---|"]
     for row in result["rows"]:
@@ -175,17 +175,17 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"| {row['row']} | {100 * row['accuracy']:.1f}% ({row['correct']}/{row['n']}) | "
                      f"[{100 * row['low']:.1f}, {100 * row['high']:.1f}] | {versus} |")
     probe, first = result["probe"], result["first_token"]
-    lines += ["", f"- Answer changes between depths 1..{len(result['depths'])}: "
+    lines += ["", (f"- Answer changes between depths 1..{len(result['depths'])}: "
                   f"{100 * result['answer_changes_between_depths']:.1f}% of questions; correctness changes: "
-                  f"{100 * result['correctness_changes_between_depths']:.1f}%.",
+                  f"{100 * result['correctness_changes_between_depths']:.1f}%."),
               f"- Oracle smallest correct depth (0 = none): {result['oracle_smallest_depth_counts']}.",
-              f"- Probe: training labels {probe['train_label_counts']} (any depth correct on "
+              (f"- Probe: training labels {probe['train_label_counts']} (any depth correct on "
               f"{100 * probe['train_any_depth_correct']:.1f}% of training questions), training accuracy "
-              f"{100 * probe['train_accuracy']:.1f}%; chosen depths on held-out {probe['chosen_depth_counts']}.",
-              f"- First answer token: median top-1/top-2 logit margin {first['median_margin']:.3f}; median largest "
+              f"{100 * probe['train_accuracy']:.1f}%; chosen depths on held-out {probe['chosen_depth_counts']}."),
+              (f"- First answer token: median top-1/top-2 logit margin {first['median_margin']:.3f}; median largest "
               f"logit shift at depths 2..4 {first['median_largest_shift_depths_2_to_4']:.4f} (max "
               f"{first['max_largest_shift_depths_2_to_4']:.4f}); shift above the margin on "
-              f"{100 * first['fraction_shift_above_margin']:.1f}% of questions.",
+              f"{100 * first['fraction_shift_above_margin']:.1f}% of questions."),
               "- Trained blend: gates " + ", ".join(f"L{b['layer']} {b['gate']:.2f}" for b in result["blend"]),
               "- Mean c = g a per layer: " + ", ".join(f"L{b['layer']} {b['mean_c']:.4f}" for b in result["blend"])]
     return "\n".join(lines) + "\n"
