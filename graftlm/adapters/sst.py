@@ -139,7 +139,7 @@ def fold_unit(x: torch.Tensor) -> torch.Tensor:
 
 class SSTGraft(Graft):
     """Blend coordinates ``blend_unfolded`` [L_g, d], gate coordinates ``gate_unfolded`` [L_g], and a halting
-    probe (buffers). The run log gets per-layer gate, blend and gradient statistics (`training_loss`)."""
+    probe (buffers). The run log gets per-layer gate, blend and gradient statistics (`training_statistics`)."""
 
     supports_beam_search = False  # the states on the cache are not reordered with the beams
 
