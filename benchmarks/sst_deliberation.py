@@ -1,7 +1,7 @@
 """SST latent deliberation with consequences (issue 13): what depth 1..4 does to a trained adapter's answers.
 
     python3 benchmarks/sst_deliberation.py benchmarks/compare/sst_lora_arithmetic.yaml --system "SST + LoRA r=8" \
-        [--compare-dir DIR] [--seed 0] [--n-probe 300] [--out out/sst_deliberation/NAME]
+        [--compare-dir DIR] [--seed 0] [--n-probe 300] [--limit N] [--out out/sst_deliberation/NAME]
 
 Loads the adapter a `graftlm compare` run saved for ``--system`` (``<compare-dir>/<system>/seed<k>/run/adapter``)
 and, with the exact recurrence for the prefill (METHODS.md section 1, "Inference"), answers
@@ -77,7 +77,8 @@ def _blend_summary(graft) -> list[dict]:
     return [{"layer": layer, "gate": g, "mean_c": m} for layer, g, m in zip(graft.layer_indices, gates, c)]
 
 
-def measure(spec_path: str, system: str, compare_dir: str | None, seed: int, n_probe: int, batch_size: int) -> dict:
+def measure(spec_path: str, system: str, compare_dir: str | None, seed: int, n_probe: int, batch_size: int,
+            limit: int | None = None) -> dict:
     from graftlm.adapters import attach_adapter
     from graftlm.adapters.sst_deliberation import fit_halting_probe, probe_depths, sst_graft_of
     from graftlm.compare.runner import load_base
@@ -92,6 +93,7 @@ def measure(spec_path: str, system: str, compare_dir: str | None, seed: int, n_p
     model.eval()
     graft = sst_graft_of(model)
     task, held_out, training = _questions(spec, tokenizer)
+    held_out = held_out[:limit]
     depths = list(range(1, graft.config.max_deliberation + 1))
     started = time.perf_counter()
     with graft.forward_mode("exact"):
@@ -201,10 +203,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed of the adapter")
     parser.add_argument("--n-probe", type=int, default=300, help="training questions the probe is fitted on")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N held-out questions (a smoke run; headline figures use all)")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args()
     torch.manual_seed(0)
-    result = measure(args.spec, args.system, args.compare_dir, args.seed, args.n_probe, args.batch_size)
+    result = measure(args.spec, args.system, args.compare_dir, args.seed, args.n_probe, args.batch_size, args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "deliberation.json").write_text(json.dumps(result, indent=1) + "\n")
