@@ -160,9 +160,10 @@ class Graft(nn.Module):
         """Called by the recipes loop before each optimizer step (1-based ``step``): schedules such as a
         ramp from the frozen path to the graft's path live here. The default does nothing."""
 
-    def training_statistics(self) -> dict[str, float]:
+    def training_statistics(self) -> dict[str, torch.Tensor | float]:
         """Figures logged with every training step beside the loss (e.g. per-layer gate values), asked of
-        every graft after the step's forward; the default logs nothing."""
+        every graft after the step's forward: floats or device scalars (kept on the device, so asking makes
+        no host sync; the loop reads them once per log line). The default logs nothing."""
         return {}
 
     def training_loss(self, model: GraftModel, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:

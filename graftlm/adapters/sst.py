@@ -193,19 +193,17 @@ class SSTGraft(Graft):
         blend = {"params": [self.blend_unfolded, self.gate_unfolded], "lr": self.config.blend_lr or lr}
         return ([{"params": self.external_parameters(), "lr": lr}] if self.lora is not None else []) + [blend]
 
-    def training_statistics(self) -> dict[str, float]:
+    def training_statistics(self) -> dict[str, torch.Tensor]:
         """Per grafted layer l: ``sst_gate/L<l>`` (g_l), ``sst_blend/L<l>`` (the mean over channels of
         c_l = g_l a_l, the state's weight in the FFN input) and ``sst_grad/L<l>`` (the norm of the gradient
-        of the layer's gate and blend coordinates in the latest backward; 0 before the first)."""
+        of the layer's gate and blend coordinates in the latest backward; 0 before the first), as float32
+        device scalars: no host sync here, the loop reads them with its log line."""
         with torch.no_grad():
             zeros = torch.zeros_like(self.gate_unfolded)
             grad = (self._grad_squares.get("gate", zeros) + self._grad_squares.get("blend", zeros)).sqrt()
-            rows = torch.stack([self.gates(), self.blend_coefficients().mean(-1), grad.to(zeros.device)])
-        values = rows.float().tolist()  # one host sync per step, for every layer's figures
-        out = {}
-        for name, row in zip(("gate", "blend", "grad"), values):
-            out.update({f"sst_{name}/L{layer}": value for layer, value in zip(self.layer_indices, row)})
-        return out
+            rows = torch.stack([self.gates(), self.blend_coefficients().mean(-1), grad.to(zeros.device)]).float()
+        return {f"sst_{name}/L{layer}": rows[i, j] for i, name in enumerate(("gate", "blend", "grad"))
+                for j, layer in enumerate(self.layer_indices)}
 
     def _keep_grad_squares(self, name: str):
         def hook(grad: torch.Tensor) -> None:
