@@ -28,7 +28,7 @@ def snapshot(directory):
 
 def open_sst(model, gate=0.5):
     with torch.no_grad():
-        model.grafts["default"].gate.fill_(gate)
+        model.grafts["default"].gate_unfolded.fill_(gate)
     return model
 
 

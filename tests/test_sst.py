@@ -37,8 +37,9 @@ def test_trainable_parameters_are_blend_plus_gates(tiny_model):
     model = attach_adapter(tiny_model, SSTConfig())
     d, layers = tiny_model.config.hidden_size, tiny_model.config.num_hidden_layers
     assert model.get_nb_trainable_parameters()[0] == layers * d + layers
-    a = model.grafts["default"].blend_weights()
-    assert torch.allclose(a, torch.full_like(a, 0.03))
+    graft = model.grafts["default"]
+    a = graft.blend_weights()
+    assert torch.allclose(a, torch.full_like(a, 0.03)) and torch.equal(graft.gates(), torch.zeros(layers))
 
 
 def test_open_blend_changes_logits_and_every_parameter_gets_gradients(tiny_model):
@@ -46,11 +47,11 @@ def test_open_blend_changes_logits_and_every_parameter_gets_gradients(tiny_model
     graft = model.grafts["default"]
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()
-    assert graft.gate.grad is not None and graft.gate.grad.abs().sum() > 0  # the closed gate can open
+    assert (graft.gate_unfolded.grad != 0).all()  # every closed gate can open
     graft.set_blend(0.08, 0.5)
     model.zero_grad()
     model(input_ids=IDS, labels=IDS).loss.backward()
-    assert graft.blend_raw.grad.abs().sum() > 0 and graft.gate.grad.abs().sum() > 0
+    assert (graft.blend_unfolded.grad != 0).all() and (graft.gate_unfolded.grad != 0).all()
 
 
 def test_blend_changes_the_output(tiny_model):
@@ -63,9 +64,11 @@ def test_blend_weights_stay_in_bounds(tiny_model):
     model = attach_adapter(tiny_model, SSTConfig(blend_min=0.02, blend_max=0.05))
     graft = model.grafts["default"]
     with torch.no_grad():
-        graft.blend_raw.normal_(0, 100)
-    a = graft.blend_weights().detach()
+        graft.blend_unfolded.normal_(0, 100)
+        graft.gate_unfolded.normal_(0, 100)
+    a, g = graft.blend_weights().detach(), graft.gates().detach()
     assert float(a.min()) >= 0.02 - 1e-7 and float(a.max()) <= 0.05 + 1e-7
+    assert float(g.min()) >= 0.0 and float(g.max()) <= 1.0
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -139,7 +142,7 @@ def test_left_padded_batch_equals_unpadded_rows(tiny_model):
 def test_save_and_reload_exact(tiny_model, tmp_path):
     model = sst_model(tiny_model, a=0.05, gate=0.7, target_layers=[0, -1])
     with torch.no_grad():
-        model.grafts["default"].blend_raw.add_(torch.randn_like(model.grafts["default"].blend_raw))
+        model.grafts["default"].blend_unfolded.add_(torch.randn_like(model.grafts["default"].blend_unfolded))
     expected = forward_logits(model, "two_pass")
     model.save_pretrained(tmp_path)
     reloaded = attach_adapter(build_tiny_model(family_of(tiny_model)), tmp_path)
@@ -191,6 +194,7 @@ def test_detach_and_disable_are_exact(tiny_model):
 from graftlm.adapters.sst_deliberation import (
     collect_depth_labels,
     fit_halting_probe,
+    generate_at_depths,
     generate_with_deliberation,
     probe_depths,
 )
@@ -291,3 +295,16 @@ def test_deliberation_past_the_sliding_window_of_gemma():
         graft.set_cache_states(prefix, first)
         logits = model(input_ids=prompt[:, -1:], past_key_values=prefix, use_cache=True).logits
     assert out.sequences[0, 13] == logits[0, -1].argmax()
+
+
+def test_one_prefill_for_every_depth_equals_a_run_per_depth(tiny_model):
+    model = sst_model(tiny_model, a=0.1, prefill_mode="exact")
+    prompt = torch.cat([IDS[:, :11], IDS[:, 2:13]])  # 11 tokens: past Gemma's sliding window of 8
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    together = generate_at_depths(model, prompt, mask, max_new_tokens=4, depths=(1, 2, 4))
+    for depth, out in zip((1, 2, 4), together):
+        alone = generate_with_deliberation(model, prompt, mask, max_new_tokens=4, depth=depth)
+        assert torch.equal(out.sequences, alone.sequences) and out.depths.tolist() == [depth, depth]
+        torch.testing.assert_close(out.first_logits, alone.first_logits)
+    assert not torch.equal(together[0].first_logits, together[2].first_logits)  # depth changes the logits

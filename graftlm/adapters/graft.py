@@ -150,6 +150,12 @@ class Graft(nn.Module):
             for key, value in saved.items():
                 setattr(self.config, key, value)
 
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """This graft's optimizer parameter groups (``{"params": [...], "lr": ...}``) for the recipe's peak
+        learning rate ``lr``: a graft whose parameters want different rates (SST's blend beside its LoRA)
+        returns one group per rate. The default is one group of every parameter at ``lr``."""
+        return [{"params": self.all_parameters(), "lr": lr}]
+
     def on_train_step(self, step: int, total_steps: int) -> None:
         """Called by the recipes loop before each optimizer step (1-based ``step``): schedules such as a
         ramp from the frozen path to the graft's path live here. The default does nothing."""
@@ -159,6 +165,12 @@ class Graft(nn.Module):
         """Whether `training_loss` returns terms with this config (a stack can train only one such graft:
         each runs its own forward). Default: whether the class overrides `training_loss`."""
         return type(self).training_loss is not Graft.training_loss
+
+    def training_statistics(self) -> dict[str, torch.Tensor | float]:
+        """Figures logged with every training step beside the loss (e.g. per-layer gate values), asked of
+        every graft after the step's forward: floats or device scalars (kept on the device, so asking makes
+        no host sync; the loop reads them once per log line). The default logs nothing."""
+        return {}
 
     def training_loss(self, model: GraftModel, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """Loss terms for one training batch, or None for the plain LM loss of ``model(**batch)``.

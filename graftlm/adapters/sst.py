@@ -3,7 +3,8 @@
 Per grafted layer l a state ``s_l`` in R^d is carried from position t-1 to t and blended into the FFN
 input (METHODS.md section 1, "Blend")::
 
-    u_t = (1 - c_l) * h_t + c_l * s_{l,t-1},      c_l = g_l * a_l,   a_l = lo + (hi - lo) * sigmoid(raw_l)
+    u_t = (1 - c_l) * h_t + c_l * s_{l,t-1},      c_l = g_l * a_l
+    a_l = lo + (hi - lo) * fold(blend_unfolded_l),  g_l = fold(gate_unfolded_l)
     f_t = FFN(u_t)                                 (Gemma: pre-norm, MLP, post-norm; Llama: norm, MLP)
     s_{l,t} = f_t                                  (``state_source="residual"``: s_{l,t} = h_t + f_t)
 
@@ -12,10 +13,16 @@ still adds ``f_t`` to ``h_t``, so only the FFN sees the blend. ``a_l`` [d] is bo
 ``[blend_min, blend_max]`` as in the paper; ``s_{l,-1} = 0`` and padding positions carry no state.
 
 Exact base reproduction at init (a reconstruction, the paper starts from its own init): ``g_l`` is one
-learned scalar gate per layer, clamped to [0, 1] and initialised to exactly 0, so a fresh adapter is the
-base model bit for bit, and any trainer (the recipes loop, HF Trainer) opens it by gradient descent
-(d loss / d g_l = a_l (s - h) . dL/du is non-zero at g = 0). The gates add L parameters to the paper's
-L x d blend; both are reported.
+learned scalar gate per layer in [0, 1], exactly 0 at init, so a fresh adapter is the base model bit for
+bit; ``g_l = 1`` is the paper's blend. The gates add L parameters to the paper's L x d blend; both are
+reported.
+
+No parameter can die: ``fold`` (`fold_unit`) reflects its argument into [0, 1] (a triangle wave of period
+2), so ``|d fold / dx| = 1`` everywhere. A clamp has zero gradient past its bound and a sigmoid's vanishes
+where it saturates; with ``fold`` a parameter pushed past a bound comes back inside with its gradient
+intact. d loss / d g_l = a_l (s - h) . dL/du with ``a_l >= blend_min > 0``, so every grafted layer's gate
+receives gradient at every value, 0 included (there the blend weights' own gradient is 0, and returns as
+soon as the gate moves).
 
 Forward modes (the recurrence runs through the pretrained FFN, so it can't be a scan):
 
@@ -37,7 +44,6 @@ Decode makes no host syncs.
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -62,7 +68,8 @@ class SSTConfig(GraftConfig):
     graft_type = "sst"
 
     blend_min: float = field(
-        default=0.015, metadata={"help": "Lower bound of the per-channel blend weight a.", "min": 0.0, "lt": 1.0}
+        default=0.015, metadata={"help": "Lower bound of the per-channel blend weight a (above 0: at a = 0 and a "
+                                         "closed gate neither would receive gradient).", "gt": 0.0, "lt": 1.0}
     )
     blend_max: float = field(
         default=0.10, metadata={"help": "Upper bound of the per-channel blend weight a.", "gt": 0.0, "max": 1.0}
@@ -93,6 +100,11 @@ class SSTConfig(GraftConfig):
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         metadata={"help": "Modules LoRA adapts (a single name is a one-item list).", "non_empty": True},
     )
+    blend_lr: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the blend weights and gates (None: the recipe's train.lr, which "
+                          "the optional LoRA always uses).", "gt": 0.0},
+    )
 
     def validate(self) -> None:
         if not self.blend_min < self.blend_max:
@@ -106,8 +118,10 @@ class _Run:
     """What one top-level forward does in the hooks: mode, per-layer states, recorded states."""
 
     def __init__(self, mode: str, token_mask: torch.Tensor | None, cache: Any = None,
-                 initial: dict[int, torch.Tensor] | None = None, states: dict[int, torch.Tensor] | None = None):
+                 initial: dict[int, torch.Tensor] | None = None, states: dict[int, torch.Tensor] | None = None,
+                 coefficients: torch.Tensor | None = None):
         self.mode = mode  # "record" | "provided" | "sequential"
+        self.coefficients = coefficients  # c [L_g, d] computed once (no-grad forwards), else None
         self.token_mask = token_mask  # [B, T] float, 1 at real tokens
         self.cache = cache
         self.initial = initial or {}  # layer -> [B, d] state before the first position
@@ -116,8 +130,16 @@ class _Run:
         self.residual_in: dict[int, torch.Tensor] = {}
 
 
+def fold_unit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` reflected into [0, 1] (a triangle wave of period 2: 0 at even, 1 at odd integers), elementwise.
+    The slope is +1 or -1 everywhere (the kinks take the rising side), so the gradient never vanishes."""
+    r = torch.remainder(x, 2.0)
+    return torch.where(r <= 1.0, r, 2.0 - r)
+
+
 class SSTGraft(Graft):
-    """Blend weights ``blend_raw`` [L_g, d], gates ``gate`` [L_g], and a halting probe (buffers)."""
+    """Blend coordinates ``blend_unfolded`` [L_g, d], gate coordinates ``gate_unfolded`` [L_g], and a halting
+    probe (buffers). The run log gets per-layer gate, blend and gradient statistics (`training_statistics`)."""
 
     supports_beam_search = False  # the states on the cache are not reordered with the beams
 
@@ -128,12 +150,13 @@ class SSTGraft(Graft):
         d = base_model.config.hidden_size
         n = len(self.layer_indices)
         fraction = (config.blend_init - config.blend_min) / (config.blend_max - config.blend_min)
-        self.blend_raw = nn.Parameter(torch.full((n, d), math.log(fraction / (1 - fraction))))
-        self.gate = nn.Parameter(torch.zeros(n))
+        self.blend_unfolded = nn.Parameter(torch.full((n, d), fraction))
+        self.gate_unfolded = nn.Parameter(torch.zeros(n))
         # The halting probe is fitted separately (graftlm.adapters.sst_deliberation), not by the LM loss.
         self.register_buffer("probe_weight", torch.zeros(config.max_deliberation, d))
         self.register_buffer("probe_bias", torch.zeros(config.max_deliberation))
         self.row_of = {layer: row for row, layer in enumerate(self.layer_indices)}
+        self._grad_squares: dict[str, torch.Tensor] = {}  # per-layer squared gradient norms, latest backward
         self._run: _Run | None = None
         self._internal = False
         self._in_branch = False
@@ -142,26 +165,60 @@ class SSTGraft(Graft):
     def blend_weights(self) -> torch.Tensor:
         """a [L_g, d] in [blend_min, blend_max] (METHODS.md section 1, bounded blend)."""
         lo, hi = self.config.blend_min, self.config.blend_max
-        return lo + (hi - lo) * torch.sigmoid(self.blend_raw)
+        return lo + (hi - lo) * fold_unit(self.blend_unfolded)
+
+    def gates(self) -> torch.Tensor:
+        """g [L_g] in [0, 1]: 0 is the base model, 1 the paper's blend."""
+        return fold_unit(self.gate_unfolded)
 
     def blend_coefficients(self) -> torch.Tensor:
         """c = g * a [L_g, d]: the weight of the state in the FFN input."""
-        return self.gate.clamp(0.0, 1.0)[:, None] * self.blend_weights()
+        return self.gates()[:, None] * self.blend_weights()
 
     @torch.no_grad()
     def set_blend(self, a: float | torch.Tensor, gate: float | None = None) -> None:
-        """Set every blend weight to ``a`` (clamped inside the bounds) and optionally every gate."""
+        """Set every blend weight to ``a`` (clamped inside the bounds) and optionally every gate (in [0, 1])."""
         lo, hi = self.config.blend_min, self.config.blend_max
-        fraction = ((torch.as_tensor(a, dtype=torch.float32) - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)
-        self.blend_raw.copy_(torch.logit(fraction).expand_as(self.blend_raw))
+        fraction = ((torch.as_tensor(a, dtype=torch.float32) - lo) / (hi - lo)).clamp(0.0, 1.0)
+        self.blend_unfolded.copy_(fraction.expand_as(self.blend_unfolded))
         if gate is not None:
-            self.gate.fill_(gate)
+            if not 0.0 <= gate <= 1.0:
+                raise ValueError(f"gate must lie in [0, 1], got {gate}")
+            self.gate_unfolded.fill_(gate)
+
+    # -- training: learning rates and the logged statistics ----------------------------------------
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optional LoRA at the recipe's ``lr`` (first: the loop logs the first group's rate), then the
+        blend and gates at ``blend_lr`` (the paper trains them jointly with a QLoRA adapter)."""
+        blend = {"params": [self.blend_unfolded, self.gate_unfolded], "lr": self.config.blend_lr or lr}
+        return ([{"params": self.external_parameters(), "lr": lr}] if self.lora is not None else []) + [blend]
+
+    def training_statistics(self) -> dict[str, torch.Tensor]:
+        """Per grafted layer l: ``sst_gate/L<l>`` (g_l), ``sst_blend/L<l>`` (the mean over channels of
+        c_l = g_l a_l, the state's weight in the FFN input) and ``sst_grad/L<l>`` (the norm of the gradient
+        of the layer's gate and blend coordinates in the latest backward; 0 before the first), as float32
+        device scalars: no host sync here, the loop reads them with its log line."""
+        with torch.no_grad():
+            zeros = torch.zeros_like(self.gate_unfolded)
+            grad = (self._grad_squares.get("gate", zeros) + self._grad_squares.get("blend", zeros)).sqrt()
+            rows = torch.stack([self.gates(), self.blend_coefficients().mean(-1), grad.to(zeros.device)]).float()
+        return {f"sst_{name}/L{layer}": rows[i, j] for i, name in enumerate(("gate", "blend", "grad"))
+                for j, layer in enumerate(self.layer_indices)}
+
+    def _keep_grad_squares(self, name: str):
+        def hook(grad: torch.Tensor) -> None:
+            squares = grad.detach().float().pow(2)
+            self._grad_squares[name] = squares.sum(-1) if squares.ndim == 2 else squares
+
+        return hook
 
     # -- install ---------------------------------------------------------------------------------
     def install(self) -> None:
         model = self.base_model
         if self.config.lora_r > 0:
             self.attach_lora(self.config.lora_r, self.config.lora_alpha, self.config.lora_target_modules)
+        self.add_hook(self.gate_unfolded.register_hook(self._keep_grad_squares("gate")))
+        self.add_hook(self.blend_unfolded.register_hook(self._keep_grad_squares("blend")))
         self.add_hook(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self.add_hook(model.register_forward_hook(self._after_model, with_kwargs=True))
         layers = self.patch.decoder_layers(model)
@@ -182,8 +239,11 @@ class SSTGraft(Graft):
         cache = cache_from_kwargs(kwargs)
         initial = getattr(cache, CACHE_ATTRIBUTE, None) or {}
         mode = self.config.train_mode if module.training else self.config.prefill_mode
+        # Without grad (decode, evaluation) c is computed once per forward, not once per layer; with grad it
+        # is computed inside each layer's hook, where gradient checkpointing's recomputation finds it.
+        coefficients = None if torch.is_grad_enabled() else self.blend_coefficients()
         if length == 1 or mode == "exact":
-            self._run = _Run("sequential", token_mask, cache, initial)
+            self._run = _Run("sequential", token_mask, cache, initial, coefficients=coefficients)
             return
         recorded = self._first_pass(module, kwargs, input_ids, embeds, cache)
         states = {}
@@ -195,12 +255,12 @@ class SSTGraft(Graft):
             first = initial.get(layer_index)
             first = torch.zeros_like(source[:, 0]) if first is None else first.to(source.dtype)
             states[layer_index] = torch.cat([first[:, None], source[:, :-1]], dim=1)
-        self._run = _Run("provided", token_mask, cache, initial, states)
+        self._run = _Run("provided", token_mask, cache, initial, states, coefficients)
         return
 
     def _first_pass(self, module, kwargs, input_ids, embeds, cache) -> dict[int, torch.Tensor]:
         """Pass 1 (METHODS.md section 1, two-pass training): the model without the blend, no grad."""
-        if not torch.is_grad_enabled() and bool((self.gate == 0).all()):
+        if not torch.is_grad_enabled() and bool((self.gates() == 0).all()):
             return {}  # the blend is closed: the states can't change the output
         past = copy.deepcopy(cache) if cache is not None and cache.get_seq_length() > 0 else None
         batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
@@ -239,7 +299,8 @@ class SSTGraft(Graft):
                 run.residual_in[layer_index] = h
             if run.mode == "record":
                 return None
-            coefficient = self.blend_coefficients()[row]
+            coefficients = run.coefficients if run.coefficients is not None else self.blend_coefficients()
+            coefficient = coefficients[row]
             if run.mode == "provided":
                 states = run.states.get(layer_index)
                 if states is None:
@@ -253,6 +314,8 @@ class SSTGraft(Graft):
         """The exact recurrence over the positions of ``h`` [B, T, d]; returns the FFN inputs u [B, T, d]."""
         state = run.initial.get(layer_index)
         state = torch.zeros_like(h[:, 0]) if state is None else state.to(h.dtype)
+        if h.shape[1] == 1:  # one decode step: nothing to carry inside the chunk
+            return blend(h, state[:, None], coefficient)
         mask = run.token_mask.to(h.dtype)
         inputs = []
         for t in range(h.shape[1]):
@@ -283,8 +346,10 @@ class SSTGraft(Graft):
             state = output
             if self.config.state_source == "residual":
                 state = run.residual_in[layer_index] + output
-            state = state * run.token_mask.to(state.dtype)[..., None]
-            run.recorded[layer_index] = state.detach() if run.mode == "record" else state[:, -1]
+            if run.mode == "record":
+                run.recorded[layer_index] = (state * run.token_mask.to(state.dtype)[..., None]).detach()
+            else:  # only the last position's state is carried on
+                run.recorded[layer_index] = state[:, -1] * run.token_mask[:, -1:].to(state.dtype)
             return
 
         return hook
@@ -314,8 +379,7 @@ def blend(h: torch.Tensor, state: torch.Tensor, coefficient: torch.Tensor) -> to
     """u = h + c (s - h) = (1 - c) h + c s, computed in float32 and returned in h's dtype
     (`graftlm.dtype_policy`): h, state [..., d] in the base's dtype, coefficient [d] float32.
     With c = 0 it is h bit for bit in any dtype."""
-    h32 = to_graft(h)
-    return to_base(h32 + coefficient * (to_graft(state) - h32), h)
+    return to_base(torch.lerp(to_graft(h), to_graft(state), coefficient), h)
 
 
 def _token_mask(attention_mask: Any, batch: int, length: int, device) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ class DeliberationOutput:
     sequences: torch.Tensor  # [B, T_prompt + new] prompt and greedy continuation
     depths: torch.Tensor  # [B] depth used per sequence
     features: torch.Tensor  # [B, d] probe features at the first answer position (after one pass)
+    first_logits: torch.Tensor  # [B, V] logits of the first answer token (after the last repeat)
 
 
 def sst_graft_of(model) -> SSTGraft:
@@ -69,16 +71,49 @@ def generate_with_deliberation(
     ``depth``: an int (fixed), a [B] tensor (per sequence), or ``"probe"`` (the halting probe decides
     after the first pass). Left-padded batches are supported (pass ``attention_mask``).
     """
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    cache = _prefill(model, input_ids, mask)
+    return _deliberate_and_decode(model, cache, input_ids, mask, depth, max_new_tokens, eos_token_id)
+
+
+@torch.no_grad()
+def generate_at_depths(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 16,
+    depths: Sequence[int] = (1, 2, 3, 4),
+    eos_token_id: int | None = None,
+) -> list[DeliberationOutput]:
+    """`generate_with_deliberation` at each fixed depth of ``depths``, from one prefill of the prompt (each
+    depth continues a copy of the prefilled cache): the same outputs for a fraction of the prefill cost."""
+    import copy
+
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    cache = _prefill(model, input_ids, mask)
+    return [_deliberate_and_decode(model, copy.deepcopy(cache), input_ids, mask, depth, max_new_tokens, eos_token_id)
+            for depth in depths]
+
+
+def _prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
+    """The generation cache after every prompt token but the last (KV entries and SST states)."""
     from transformers import DynamicCache
 
-    graft = sst_graft_of(model)
-    batch = input_ids.shape[0]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     cache = DynamicCache(config=model.config)
     cache.activate_past_recording()  # sliding-window layers (Gemma 3) must be able to crop the repeated entry
     if input_ids.shape[1] > 1:
         model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], **with_cache({}, cache), use_cache=True,
               position_ids=_positions(mask)[:, :-1])
+    return cache
+
+
+def _deliberate_and_decode(model, cache, input_ids: torch.Tensor, mask: torch.Tensor,
+                           depth: int | str | torch.Tensor, max_new_tokens: int,
+                           eos_token_id: int | None) -> DeliberationOutput:
+    """From a cache prefilled with all but the last prompt token: run the last token ``depth`` times
+    (repeats overwrite its KV entry and carry the states), then decode greedily."""
+    graft = sst_graft_of(model)
+    batch = input_ids.shape[0]
     last, position = input_ids[:, -1:], _positions(mask)[:, -1:]
     entry_states = graft.cache_states(cache)
 
@@ -131,7 +166,7 @@ def generate_with_deliberation(
         if eos_token_id is not None:
             next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_token_id), next_id)
         generated.append(next_id)
-    return DeliberationOutput(torch.cat([input_ids, *generated], dim=1), depths, features)
+    return DeliberationOutput(torch.cat([input_ids, *generated], dim=1), depths, features, final_logits)
 
 
 @torch.no_grad()
@@ -142,31 +177,37 @@ def collect_depth_labels(
     is_correct: Callable[[int, str], bool],
     max_new_tokens: int = 8,
     batch_size: int = 8,
-) -> dict[str, torch.Tensor]:
-    """Run every depth 1..max_deliberation on each prompt; returns ``features`` [N, d], ``correct``
-    [N, D_max] (bool) and ``labels`` [N] (smallest correct depth; 1 when no depth answers)."""
+) -> dict[str, Any]:
+    """Run every depth 1..max_deliberation on each prompt (one prefill per batch). Returns ``features``
+    [N, d] (after one pass), ``correct`` [N, D_max] (bool), ``labels`` [N] (smallest correct depth; 1 when
+    no depth answers), ``completions`` (N lists of D_max texts), and how near the first answer token was to
+    changing: ``first_margin`` [N, D_max] (its top-1 minus top-2 logit) and ``first_shift`` [N, D_max] (the
+    largest change of any of its logits from depth 1)."""
     graft = sst_graft_of(model)
     max_depth = graft.config.max_deliberation
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    features, correct = [], []
+    features, correct, completions, margins, shifts = [], [], [], [], []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             encoded = tokenizer(chunk, return_tensors="pt", padding=True)
-            rows = []
-            for depth in range(1, max_depth + 1):
-                out = generate_with_deliberation(model, encoded.input_ids, encoded.attention_mask, max_new_tokens,
-                                                 depth, tokenizer.eos_token_id)
-                if depth == 1:
-                    features.append(out.features)
-                texts = tokenizer.batch_decode(out.sequences[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
-                rows.append(torch.tensor([is_correct(start + i, text) for i, text in enumerate(texts)]))
-            correct.append(torch.stack(rows, dim=1))
+            outs = generate_at_depths(model, encoded.input_ids, encoded.attention_mask, max_new_tokens,
+                                      range(1, max_depth + 1), tokenizer.eos_token_id)
+            features.append(outs[0].features)
+            texts = [tokenizer.batch_decode(o.sequences[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+                     for o in outs]
+            completions += [list(row) for row in zip(*texts)]
+            correct.append(torch.tensor([[is_correct(start + i, text) for i, text in enumerate(t)] for t in texts]).T)
+            logits = torch.stack([o.first_logits.float() for o in outs], dim=1)  # [b, D, V]
+            top = logits.topk(2, dim=-1).values
+            margins.append(top[..., 0] - top[..., 1])
+            shifts.append((logits - logits[:, :1]).abs().amax(-1))
     finally:
         tokenizer.padding_side = padding_side
     correct_t = torch.cat(correct)
     first = torch.where(correct_t.any(1), correct_t.float().argmax(1) + 1, torch.ones(len(correct_t), dtype=torch.long))
-    return {"features": torch.cat(features), "correct": correct_t, "labels": first.long()}
+    return {"features": torch.cat(features), "correct": correct_t, "labels": first.long(), "completions": completions,
+            "first_margin": torch.cat(margins), "first_shift": torch.cat(shifts)}
 
 
 def fit_halting_probe(graft: SSTGraft, features: torch.Tensor, labels: torch.Tensor, steps: int = 300,

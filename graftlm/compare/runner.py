@@ -184,7 +184,7 @@ def run_compare(spec: CompareSpec, out_dir: str | Path | None = None, resume: bo
     unknown = names - {s.name for s in spec.systems}
     if unknown:
         raise RecipeError(f"no system named {sorted(unknown)}; systems: {', '.join(s.name for s in spec.systems)}")
-    records = []
+    records, reused_s = [], 0.0
     for system in (s for s in spec.systems if s.name in names):
         for seed in (spec.seeds if system.trained else [None]):
             where = out / system.slug / (f"seed{seed}" if seed is not None else "untrained")
@@ -195,6 +195,7 @@ def run_compare(spec: CompareSpec, out_dir: str | Path | None = None, resume: bo
                 if saved.get("fingerprint") == key:
                     print(f"[compare] {system.name} (seed {seed}): reusing {path}", flush=True)
                     records.append(saved)
+                    reused_s += float(saved.get("wall_s") or 0.0)
                     continue
             print(f"[compare] {system.name} (seed {seed})", flush=True)
             record = run_system(spec, system, seed, eval_sets, train_texts, held_texts, where, progress, on_model)
@@ -204,6 +205,6 @@ def run_compare(spec: CompareSpec, out_dir: str | Path | None = None, resume: bo
             records.append(record)
     report = build_report(spec, records, {"train_examples": len(train_texts), "held_out_for_eval_loss":
                                           len(held_texts), "dropped_as_eval_overlap": dropped},
-                          wall_s=time.perf_counter() - started, command=command)
+                          wall_s=time.perf_counter() - started + reused_s, command=command)
     write_report(report, out)
     return report

@@ -106,7 +106,20 @@ def total_steps(settings: TrainSection, plan: BatchPlan) -> int:
     return max(1, math.ceil(epochs * plan.batches_per_epoch / settings.grad_accum))
 
 
-def make_optimizer(parameters: list[nn.Parameter], settings: TrainSection) -> torch.optim.Optimizer:
+def parameter_groups(graft_model: GraftModel, lr: float) -> list[dict[str, Any]]:
+    """The optimizer groups of every graft (`Graft.parameter_groups`), trainable parameters only."""
+    groups = []
+    for graft in graft_model.grafts.values():
+        for group in graft.parameter_groups(lr):
+            params = [p for p in group["params"] if p.requires_grad]
+            if params:
+                groups.append({**group, "params": params})
+    return groups
+
+
+def make_optimizer(parameters: list[nn.Parameter] | list[dict[str, Any]], settings: TrainSection
+                   ) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``parameters`` (a list of tensors, or of groups that may set their own ``lr``)."""
     if settings.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(
@@ -263,7 +276,7 @@ def train(
     graft_model.train()
 
     parameters = list(graft_model.graft_parameters())
-    optimizer = make_optimizer(parameters, settings)
+    optimizer = make_optimizer(parameter_groups(graft_model, settings.lr), settings)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,

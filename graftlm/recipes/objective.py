@@ -17,7 +17,8 @@ class TrainingObjective(nn.Module):
     a dict supplies the batch's terms (its ``"loss"`` is backpropagated, other entries are logged) and
     later grafts are not asked. When every hook returns None the loss is the plain LM loss
     ``model(**batch).loss``. A stack where two grafts each need their own loss terms needs one of them to
-    compute both (documented limit, not a special case here).
+    compute both (documented limit, not a special case here). Every graft's ``training_statistics()``
+    joins the terms after the forward (logged, never backpropagated).
 
     The loop wraps this module, not the `GraftModel`, in DDP/FSDP, so every forward a graft's hook runs
     (two passes, a teacher pass, a fixed-point solve) happens inside the wrapper's forward and gradient
@@ -30,7 +31,10 @@ class TrainingObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         terms = graft_training_terms(self.graft_model, batch)
-        return terms if terms is not None else {"loss": self.graft_model(**batch).loss}
+        terms = dict(terms) if terms is not None else {"loss": self.graft_model(**batch).loss}
+        for graft in self.graft_model.grafts.values():
+            terms.update({k: v for k, v in graft.training_statistics().items() if k not in terms})
+        return terms
 
 
 def graft_training_terms(graft_model: GraftModel, batch: dict[str, Any],

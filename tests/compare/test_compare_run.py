@@ -72,6 +72,7 @@ def test_compare_runs_every_system_on_the_same_examples(tiny_dir, tmp_path):
 
     again = run_compare(spec, resume=True, progress=False)
     assert [r["wall_s"] for r in again["records"]] == [r["wall_s"] for r in report["records"]]
+    assert again["wall_s"] >= round(sum(r["wall_s"] for r in report["records"]), 1) - 0.1  # reused runs count
 
     saved = records["SST"]["adapter_dir"]
     raw = spec_raw(tiny_dir, tmp_path / "loaded")
