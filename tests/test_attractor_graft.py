@@ -354,10 +354,12 @@ def test_solve_is_judged_per_position(tiny_model):
 
 
 def test_training_loss_logs_the_convergence_figures(tiny_model):
+    from graftlm.recipes.objective import TrainingObjective
+
     model = open_head(attractor_model(tiny_model, max_iter=20))
     model.train()
     graft = graft_of(model)
-    terms = graft.training_loss(model, {"input_ids": IDS})
+    terms = TrainingObjective(model)({"input_ids": IDS})  # the loop's terms: the loss and every statistic
     info = graft.last_solve_info
     assert terms["solve_converged"] == info["converged"].float().mean() == 1.0
     assert terms["solve_fallback"] == 0.0 and terms["solve_hit_max_iter"] == 0.0
@@ -367,13 +369,15 @@ def test_training_loss_logs_the_convergence_figures(tiny_model):
 
 
 def test_repeated_max_iter_hits_warn_in_the_log(tiny_model, caplog):
+    from graftlm.recipes.objective import TrainingObjective
+
     model = open_head(attractor_model(tiny_model, tol=1e-12, min_iter=0, max_iter=3, jacobian_weight=0.0))
     model.train()
-    graft = graft_of(model)
+    graft, objective = graft_of(model), TrainingObjective(model)
     with caplog.at_level("WARNING", logger="graftlm.adapters.attractor"):
         for step in range(1, 12):
             graft.on_train_step(step, 20)
-            terms = graft.training_loss(model, {"input_ids": IDS})
+            terms = objective({"input_ids": IDS})
     assert terms["solve_hit_max_iter"] == 1.0 and terms["solve_converged"] == 0.0
     assert len(caplog.records) == 1 and "10 of the last 10 training steps" in caplog.records[0].getMessage()
     caplog.clear()
@@ -381,7 +385,7 @@ def test_repeated_max_iter_hits_warn_in_the_log(tiny_model, caplog):
     with caplog.at_level("WARNING", logger="graftlm.adapters.attractor"):
         for step in range(12, 24):
             graft.on_train_step(step, 30)
-            graft.training_loss(model, {"input_ids": IDS})
+            objective({"input_ids": IDS})
     assert not caplog.records
 
 

@@ -542,8 +542,9 @@ class AttractorGraft(Graft):
 
     # -- training ---------------------------------------------------------------------------------------
     def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """LM loss + ``jacobian_weight`` x the Jacobian regulariser of the solve (METHODS.md section 2), and
-        the solve's convergence figures for the training log (`training_statistics`)."""
+        """LM loss + ``jacobian_weight`` x the Jacobian regulariser of the solve (METHODS.md section 2). The
+        solve's convergence figures reach the training log through `training_statistics`, which the loop
+        asks of every graft after the forward."""
         if "labels" not in batch:
             batch = {**batch, "labels": batch["input_ids"]}
         self.last_jacobian_loss = None
@@ -553,8 +554,6 @@ class AttractorGraft(Graft):
         if jacobian is not None and self.config.jacobian_weight > 0:
             terms["loss"] = lm_loss + self.config.jacobian_weight * jacobian
             terms["jacobian_loss"] = jacobian.detach()
-        if self.last_solve_info is not None:
-            terms.update(self.training_statistics())
         return terms
 
     def training_statistics(self) -> dict[str, torch.Tensor]:
@@ -564,6 +563,8 @@ class AttractorGraft(Graft):
         and the largest final residual (both per position, the worst). Counts repeated max_iter hits for
         the warning of `on_train_step`."""
         info = self.last_solve_info
+        if info is None:  # no solve yet
+            return {}
         converged = info["converged"].float()
         hit = (~info["converged"] & (info["iterations"] >= self.config.max_iter)).float()
         if self.config.iterate == "fixed_point":

@@ -16,8 +16,8 @@ class TrainingObjective(nn.Module):
     The grafts' ``training_loss(model, batch)`` hooks are asked in attach order; the first that returns
     a dict supplies the batch's terms (its ``"loss"`` is backpropagated, other entries are logged) and
     later grafts are not asked. When every hook returns None the loss is the plain LM loss
-    ``model(**batch).loss``. A stack where two grafts each need their own loss terms needs one of them to
-    compute both (documented limit, not a special case here). Every graft's ``training_statistics()``
+    ``model(**batch).loss``. A stack where two grafts each supply their own loss terms is refused
+    (`graft_training_terms`). Every graft's ``training_statistics()``
     joins the terms after the forward (logged, never backpropagated).
 
     The loop wraps this module, not the `GraftModel`, in DDP/FSDP, so every forward a graft's hook runs
