@@ -18,7 +18,8 @@ Per mode and length, over every captured full-attention layer, query and head:
   timed steps); timing layers: SmolLM2 2 / 15 / 27, Gemma 3 all three global layers.
 
 Modes: ``exact`` (the paper's tree index, tau from a reservoir at budget 0.05, with and without the dense
-fallback), ``block`` at mass targets 0.99 and 0.95, ``certified`` at tolerance 0.01 and 0.1, and
+fallback), ``block`` at mass targets 0.99 and 0.95, ``certified`` at tolerance 0.01 and 0.1, each with the
+measured dense fallback and, to show what the selection itself needs, without it (``no fallback``), and
 ``all-dense`` (the block mode forced onto its dense fallback: the worst case of "never slower than dense").
 Beside them, the ordering study: to capture 99% / 95% of each head's true mass, the fraction of blocks a kv
 head reads (union over its query heads) in the order of the block's true mass (the oracle), of our log-mass
@@ -66,9 +67,12 @@ MODES = {
     "exact (no fallback)": {"mode": "exact", "dense_fallback": 1.0},
     "exact": {"mode": "exact"},
     "block@0.99": {"mode": "block", "mass_target": 0.99},
+    "block@0.99 (no fallback)": {"mode": "block", "mass_target": 0.99, "dense_fallback": 1.0},
     "block@0.95": {"mode": "block", "mass_target": 0.95},
+    "block@0.95 (no fallback)": {"mode": "block", "mass_target": 0.95, "dense_fallback": 1.0},
     "certified@0.01": {"mode": "certified", "tolerance": 0.01},
     "certified@0.1": {"mode": "certified", "tolerance": 0.1},
+    "certified@0.1 (no fallback)": {"mode": "certified", "tolerance": 0.1, "dense_fallback": 1.0},
     "all-dense": {"mode": "block", "mass_target": 1.0, "dense_fallback": 0.0},
 }
 
