@@ -85,9 +85,9 @@ def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0
 class Runner:
     """One grafted model and per-variant configs; `step` runs one forward of a variant on its own cache."""
 
-    def __init__(self, model_name: str, variants: list[str], track: bool = False):
+    def __init__(self, model_name: str, variants: list[str]):
         self.base, self.tokenizer = graftlm.load_model(model_name)
-        self.configs = {name: RangeSearchConfig(**VARIANTS[name], track_recall=track)
+        self.configs = {name: RangeSearchConfig(**VARIANTS[name])
                         for name in variants if VARIANTS[name] is not None}
         first = next(iter(self.configs.values()), RangeSearchConfig())
         self.model = attach_adapter(self.base, dataclasses.replace(first))
@@ -125,13 +125,14 @@ class Runner:
         return out.logits[:, -1]
 
 
-def continuation(runner: Runner, context: int, steps: int) -> dict:
+def continuation(runner: Runner, context: int, steps: int) -> tuple[dict, tuple]:
+    """The timed continuation; also returns the prefilled cache and its last logits for `tracked`."""
     ids = real_text_ids(runner.tokenizer, context)
     t0 = time.perf_counter()
     prefilled, logits = runner.prefill(ids)
     prefill_s = time.perf_counter() - t0
     caches = {name: runner.fork(name, prefilled) for name in runner.variants}
-    del prefilled
+    first_logits = logits
     tokens = {name: logits.argmax(-1, keepdim=True) for name in runner.variants}
     generated = {name: [] for name in runner.variants}
     times = {name: [] for name in runner.variants}
@@ -164,17 +165,16 @@ def continuation(runner: Runner, context: int, steps: int) -> dict:
             "syncs_per_layer_step": (syncs[name] - dense_syncs) / n_layers if VARIANTS[name] else 0.0,
             "text": runner.tokenizer.decode(generated[name]),
         }
-    return result
+    return result, (prefilled, first_logits)
 
 
-def tracked(model_name: str, context: int, variants: list[str], steps: int = 4) -> dict:
-    """Softmax mass kept and keys read per variant over a few decode steps (recall tracking costs a dense
-    score pass, so it runs apart from the timing)."""
-    runner = Runner(model_name, variants, track=True)
-    ids = real_text_ids(runner.tokenizer, context)
-    prefilled, logits = runner.prefill(ids)
+def tracked(runner: Runner, prefilled, logits, steps: int = 4) -> dict:
+    """Softmax mass kept and keys read per variant over a few decode steps from the same prefill (recall
+    tracking costs a dense score pass, so it runs apart from the timing)."""
+    for config in runner.configs.values():
+        config.track_recall = True
     out = {}
-    for name in variants:
+    for name in runner.variants:
         if VARIANTS[name] is None:
             continue
         cache = runner.fork(name, prefilled)
@@ -232,7 +232,7 @@ def markdown(report: dict) -> str:
               f"{report['date']}, {report['machine']}, torch threads {report['threads']}; speed = dense ms / "
               "variant ms (median over steps 2..n, [bootstrap 95%])."), "",
              ("| variant | ms/token | speed vs dense | first step ms | tokens equal to dense | mass kept mean / min | "
-              "keys read | needle acc [Wilson 95%] | syncs / layer / step |"), "|---|---|---|---|---|---|---|---|---|"]
+              "keys attended | needle acc [Wilson 95%] | syncs / layer / step |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, r in cont["variants"].items():
         rec = recall.get(name, {})
         mass = f"{rec['mass_mean']:.4f} / {rec['mass_min']:.4f}" if rec else "1 / 1"
@@ -265,11 +265,11 @@ def main(argv=None) -> None:
               "threads": args.threads, "command": "python3 benchmarks/range_search_graft.py " +
               " ".join(argv if argv is not None else sys.argv[1:])}
     runner = Runner(args.model, variants)
-    report["continuation"] = continuation(runner, args.context, args.decode_steps)
+    report["continuation"], (prefilled, logits) = continuation(runner, args.context, args.decode_steps)
     print(json.dumps(report["continuation"]), flush=True)
-    del runner
-    report["recall"] = tracked(args.model, args.context, variants)
+    report["recall"] = tracked(runner, prefilled, logits)
     print(json.dumps(report["recall"]), flush=True)
+    del runner, prefilled
     if args.needle_n:
         runner = Runner(args.model, variants)
         report["needle"] = needle(runner, args.needle_context or args.context, args.needle_n)
