@@ -368,12 +368,26 @@ def test_certified_mode_keeps_its_bound(family):
     assert all(r["mass_recall"] >= 1 - 0.2 - 1e-6 for r in log)  # the bound holds on the true mass
 
 
-def test_a_layer_that_cannot_prune_decodes_densely_for_recheck_every_steps():
-    model = attach_adapter(build_tiny_model("llama"), block_graft(dense_fallback=0.0, recheck_every=4))
+def test_a_layer_that_cannot_prune_backs_off_the_plan_and_stays_dense():
+    base = build_tiny_model("llama")
+    dense_ids, dense_logits = greedy(base, LONG_PROMPT)
+    model = attach_adapter(base, block_graft(dense_fallback=0.0, recheck_every=2, recheck_max=4))
+    cache = graft_of(model).make_cache()
+    ids, logits = greedy(model, LONG_PROMPT, past_key_values=cache)
+    assert torch.equal(ids, dense_ids)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    # 8 decode steps: plan at 1, dense 2, plan at 3, dense 4-6 (the interval doubled to 4), plan at 7, dense 8
+    for state in cache.range_search.values():
+        s = state.schedule
+        assert (s.n_planned, s.n_dense, s.dense_left, s.interval) == (3, 5, 2, 4)
+
+
+def test_a_plan_that_pays_keeps_the_layer_planning():
+    model = attach_adapter(build_tiny_model("llama"), block_graft(recheck_every=2, recheck_max=4))
     cache = graft_of(model).make_cache()
     greedy(model, LONG_PROMPT, past_key_values=cache)
-    # steps 1, 5: the plan (all dense); steps 2-4, 6-8: the dense streak
-    assert all(state.dense_left == 4 - 1 - (NEW_TOKENS - 2) % 4 for state in cache.range_search.values())
+    for state in cache.range_search.values():
+        assert (state.schedule.n_planned, state.schedule.n_dense) == (NEW_TOKENS - 1, 0)
 
 
 def _decode_syncs(model, cache, steps=3):
@@ -439,7 +453,7 @@ def test_exact_mode_dense_fallback_matches_the_index():
 @pytest.mark.parametrize("field_name,value", [
     ("mode", "fast"), ("mass_target", 0.0), ("mass_target", 1.5), ("tolerance", 1.0), ("block_keys", 0),
     ("block_keys", 5), ("cluster_keys", 300), ("outlier_norm", 0.0), ("dense_fallback", 1.5),
-    ("recheck_every", 0)])
+    ("recheck_every", 0), ("recheck_max", 4)])
 def test_config_rejects_bad_mode_fields(field_name, value):
     with pytest.raises(ValueError, match=field_name):
         RangeSearchConfig(**{field_name: value})

@@ -18,9 +18,10 @@ Three modes (``mode``):
   by proof.
 
 In every mode a head the index cannot prune (more than ``dense_fallback`` of its keys would be read) is
-computed densely instead, and a layer on which no head could be pruned decodes densely for
-``recheck_every`` steps before it tries again (block and certified modes), so the graft never costs much
-more than dense attention. Prefill (query length > 1) is dense. Gemma 3's sliding-window layers are always
+computed densely instead, and (block and certified modes) a layer whose plan did not pay decodes densely
+without planning for ``recheck_every`` steps, doubling up to ``recheck_max`` while its plans keep failing
+(`graftlm.kernels.range_search.schedule`), so the graft costs little more than dense attention where it
+cannot prune. Prefill (query length > 1) is dense. Gemma 3's sliding-window layers are always
 left dense. No trainable parameters: the saved adapter holds only its config.
 
 How it is wired (transformers 5.x):
@@ -170,9 +171,16 @@ class RangeSearchConfig(GraftConfig):
     )
     recheck_every: int = field(
         default=16,
-        metadata={"help": "Modes 'block' / 'certified': after a step on which every head of a layer fell back to "
-                          "dense, the layer decodes densely for this many steps before trying the index.",
+        metadata={"help": "Modes 'block' / 'certified': after a planned step that did not pay (every head fell "
+                          "back to dense, or the layer read more than dense_fallback of its keys), the layer "
+                          "decodes densely, without planning, until this many steps have passed; each further "
+                          "plan that does not pay doubles that interval (up to recheck_max).",
                   "min": 1},
+    )
+    recheck_max: int = field(
+        default=256,
+        metadata={"help": "Modes 'block' / 'certified': the longest dense interval between two plans of a layer "
+                          "(>= recheck_every).", "min": 1},
     )
     budget: float = field(
         default=0.05,
@@ -231,6 +239,9 @@ class RangeSearchConfig(GraftConfig):
         """Rules across the fields of the block and certified modes (issue 19)."""
         if self.mode == "exact":
             return
+        if self.recheck_max < self.recheck_every:
+            raise self.error("recheck_max", f"must be at least recheck_every={self.recheck_every} in mode "
+                                            f"{self.mode!r}, got {self.recheck_max}")
         if self.block_size % self.block_keys:
             raise self.error("block_keys", f"must divide block_size={self.block_size} in mode {self.mode!r}, "
                                            f"got {self.block_keys}")
@@ -481,20 +492,21 @@ class RangeSearchGraft(Graft):
     def _decode_blocks(self, layer_idx, state: RangeSearchLayerState, q, keys, values, key_mask, scale):
         """Block and certified modes (`graftlm.kernels.range_search.block_attention`)."""
         c = self.config
-        index = state.sync_blocks(keys, values, key_mask)
-        plan = None
-        if state.dense_left:
-            state.dense_left -= 1
-            out = dense_rows(index.group_queries(q), keys, values, key_mask, scale).reshape(*q.shape[:2], -1)
+        schedule = state.block_schedule(c.recheck_every, c.recheck_max)
+        index, plan = state.index, None
+        if not schedule.plan_now():  # a dense streak: no planning, and the index catches up when it is next used
+            b, h_q, d = q.shape
+            qg = q.detach().float().reshape(b * keys.shape[1], h_q // keys.shape[1], d)
+            out = dense_rows(qg, keys, values, key_mask, scale).reshape(b, h_q, -1)
         else:
+            index = state.sync_blocks(keys, values, key_mask)
             decode = block_sparse_decode
             if self._backend(q) == "triton":
                 from graftlm.kernels.range_search.triton_blocks import block_sparse_decode_triton as decode
+            dense_fallback = c.resolved_dense_fallback(q.shape[-1])
             out, plan = decode(q, keys, values, index, scale=scale, mode=c.mode, mass_target=c.mass_target,
-                               tolerance=c.tolerance, dense_fallback=c.resolved_dense_fallback(q.shape[-1]),
-                               key_mask=key_mask)
-            if isinstance(plan.dense, list) and all(plan.dense):  # the Triton path's plan stays on the device
-                state.dense_left = c.recheck_every - 1
+                               tolerance=c.tolerance, dense_fallback=dense_fallback, key_mask=key_mask)
+            schedule.record(plan, index, dense_fallback)
         if c.track_recall:
             self._record_blocks(layer_idx, state, q, keys, index, plan, key_mask, scale)
         return out

@@ -8,7 +8,7 @@ Per grafted layer the cache holds a `RangeSearchLayerState`:
     reservoir  KeyReservoir: a uniform sample of at most ``reservoir_size`` keys per (row, kv head),
                for estimating tau (exact mode, ``threshold="reservoir"``); None otherwise
     n_queries  decode steps answered by the graft (through the index or its dense fallback)
-    dense_left decode steps this layer still runs densely after a step on which no head could be pruned
+    schedule   DenseSchedule (block and certified modes): whether the next step plans or decodes densely
     last       the last step's (q [B, H_q, D], tau [B, H_q], attended [B, H_q, N] bool), kept only when
                recall tracking is on (tests and the benchmark check retrieval against brute force)
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
-from graftlm.kernels.range_search import BlockIndex, KeyReservoir, RangeSearchIndex
+from graftlm.kernels.range_search import BlockIndex, DenseSchedule, KeyReservoir, RangeSearchIndex
 
 
 class RangeSearchLayerState:
@@ -48,8 +48,14 @@ class RangeSearchLayerState:
         self.reservoir: KeyReservoir | None = None
         self.n_queries = 0
         self.n_builds = 0
-        self.dense_left = 0
+        self.schedule: DenseSchedule | None = None
         self.last: dict[str, torch.Tensor] | None = None
+
+    def block_schedule(self, recheck_every: int, recheck_max: int) -> DenseSchedule:
+        """The layer's plan-or-dense schedule (made at the first decode step; dropped with the index)."""
+        if self.schedule is None:
+            self.schedule = DenseSchedule(recheck_every, recheck_max)
+        return self.schedule
 
     def sync_blocks(self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None) -> BlockIndex:
         """Bring the block index up to the cache (keys / values [B, H_kv, N, D(_v)], key_mask [B, N] or None):

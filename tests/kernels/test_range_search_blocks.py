@@ -18,11 +18,14 @@ import torch
 from graftlm.host_syncs import HostSyncCounter
 from graftlm.kernels.range_search import (
     BlockIndex,
+    BlockPlan,
+    DenseSchedule,
     KeyReservoir,
     attended_keys,
     block_sparse_decode,
     exact_scores,
     masked_softmax_attention,
+    plan_read_fraction,
     triton_available,
 )
 from graftlm.kernels.range_search.block_attention import EXP_FLOOR, softmax
@@ -188,6 +191,47 @@ def test_block_mode_reads_its_plan_in_one_host_sync_and_certified_in_two():
             block_sparse_decode(q, keys, values, index, mode=mode, mass_target=0.9, tolerance=0.1,
                                 dense_fallback=1.0)
         assert 1 <= syncs.total <= most, (mode, syncs.counts)
+
+
+def test_no_capacity_skips_the_plan_and_is_dense_without_a_host_sync():
+    q, keys, values = clustered_cache(300, seed=10)
+    index = small_index(keys, values, bounds=True)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, enable_gqa=True)[:, :, 0]
+    for mode in ("block", "certified"):
+        with HostSyncCounter() as syncs:
+            out, plan = block_sparse_decode(q, keys, values, index, mode=mode, dense_fallback=0.0)
+        assert syncs.total == 0 and all(plan.dense) and plan.order.shape[1] == 0
+        torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
+        assert (mode == "certified") == (plan.bound is not None and bool((plan.bound == 0).all()))
+        assert attended_keys(plan, index, None).all()
+
+
+def test_plan_read_fraction_counts_dense_rows_whole_and_blocks_by_size():
+    q, keys, values = clustered_cache(517, seed=11)
+    index = small_index(keys, values)
+    _, plan = block_sparse_decode(q, keys, values, index, mass_target=0.9, dense_fallback=1.0)
+    read = attended_keys(plan, index, None).float().mean().item()  # what the rows really read
+    # the estimate counts the forced blocks at the widest row's width, so it can only be above
+    assert read - 1e-6 <= plan_read_fraction(plan, index) <= read + index.exact_keys.shape[1] / index.n_keys
+    assert plan_read_fraction(BlockPlan(plan.order, plan.counts, [True] * len(plan.dense)), index) == 1.0
+
+
+def test_dense_schedule_backs_off_while_plans_do_not_pay_and_resets_when_one_does():
+    q, keys, values = clustered_cache(517, seed=12)
+    index = small_index(keys, values)
+    _, cheap = block_sparse_decode(q, keys, values, index, mass_target=0.5, dense_fallback=1.0)
+    dense = BlockPlan(cheap.order, cheap.counts, [True] * len(cheap.dense))
+    schedule = DenseSchedule(recheck_every=2, recheck_max=8)
+    planned = []
+    for step in range(24):
+        planned.append(schedule.plan_now())
+        if planned[-1]:
+            schedule.record(cheap if step >= 15 else dense, index, dense_fallback=1.0)
+    # plans at 0, 2 (interval 2), 6 (4), 14 (8), 22 (8, the cap); the plan at 22 pays -> next step plans
+    assert [i for i, p in enumerate(planned) if p] == [0, 2, 6, 14, 22, 23]
+    assert schedule.interval == 2 and schedule.n_planned + schedule.n_dense == 24
+    with pytest.raises(ValueError, match="recheck_max"):
+        DenseSchedule(recheck_every=4, recheck_max=2)
 
 
 def test_softmax_floor_changes_no_weight_that_matters():

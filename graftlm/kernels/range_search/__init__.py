@@ -23,6 +23,7 @@ from .reference import (
     threshold_recall,
 )
 from .reservoir import KeyReservoir
+from .schedule import DenseSchedule, plan_read_fraction
 from .triton_kernels import (
     gathered_attention,
     pack_rows,
@@ -34,6 +35,7 @@ from .triton_kernels import (
 __all__ = [
     "BlockIndex",
     "BlockPlan",
+    "DenseSchedule",
     "KeyReservoir",
     "RangeSearchIndex",
     "attended_keys",
@@ -50,6 +52,7 @@ __all__ = [
     "pair_bounds",
     "pair_scores",
     "pca_tree_order",
+    "plan_read_fraction",
     "ragged_softmax_attention",
     "range_search_attention_cpu",
     "range_search_attention_ref",

@@ -14,7 +14,9 @@ query heads), every step:
    the target, not a fixed count). Approximate: the estimate is not a bound.
 3. Dense fallback: a row whose prefix plus exact part would be more than ``dense_fallback`` of its keys
    is computed densely over every key of the cache, so a head that cannot be pruned costs dense attention
-   plus the overhead of steps 1-2. Only the first `capacity` blocks of the order are ever looked at.
+   plus the overhead of steps 1-2. Only the first `capacity` blocks of the order are ever looked at; when
+   that capacity is 0 (the exact part alone is over the budget) steps 1-2 are skipped and the step is dense.
+   Across steps, `schedule.DenseSchedule` keeps a layer whose plans do not pay off the plan altogether.
 4. The chosen blocks of all rows are gathered, scored exactly in one matmul and merged with the exact
    part (online-softmax merge).
 
@@ -270,6 +272,13 @@ def plan_certified(qg: torch.Tensor, index: BlockIndex, exact: Partial, *, scale
     return BlockPlan(order, counts, dense, bound), partial
 
 
+def dense_plan(qg: torch.Tensor, mode: str) -> BlockPlan:
+    """The plan of a step that reads every key of every row (certified bound 0)."""
+    g = qg.shape[0]
+    bound = qg.new_zeros(qg.shape[:2]) if mode == "certified" else None
+    return BlockPlan(torch.zeros(g, 0, dtype=torch.long, device=qg.device), [0] * g, [True] * g, bound)
+
+
 def block_sparse_decode(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -290,18 +299,20 @@ def block_sparse_decode(
     """
     b, h_q, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    if mode not in ("block", "certified"):
+        raise ValueError(f"mode must be 'block' or 'certified', not {mode!r}")
     qg = index.group_queries(q)
+    if capacity(index, dense_fallback) == 0:  # no block fits the budget: every row is dense, skip the plan
+        return dense_rows(qg, keys, values, key_mask, scale).reshape(b, h_q, -1), dense_plan(qg, mode)
     exact = exact_part(qg, keys, values, index, key_mask, scale)
     if mode == "block":
         plan = plan_blocks(qg, index, exact, scale=scale, mass_target=mass_target, dense_fallback=dense_fallback)
         if not all(plan.dense):
             partial = add_blocks(exact, qg, index, [None if d else plan.order[r, :c] for r, (c, d) in
                                                     enumerate(zip(plan.counts, plan.dense))], scale)
-    elif mode == "certified":
+    else:
         plan, partial = plan_certified(qg, index, exact, scale=scale, tolerance=tolerance,
                                        dense_fallback=dense_fallback)
-    else:
-        raise ValueError(f"mode must be 'block' or 'certified', not {mode!r}")
     dense = [r for r, is_dense in enumerate(plan.dense) if is_dense]
     if len(dense) == len(plan.dense):
         out = dense_rows(qg, keys, values, key_mask, scale)
