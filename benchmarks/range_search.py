@@ -47,9 +47,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from range_search_captures import QUERIES_PER_LENGTH, QUERY_STRIDE, benchmark_lengths, load_capture
 
-from graftlm.adapters.range_search import default_dense_fallback, forced_keys, range_search_decode
+from graftlm.adapters.range_search import (
+    RangeSearchConfig,
+    default_dense_fallback,
+    forced_keys,
+    range_search_decode,
+)
 from graftlm.kernels.range_search import (
     BlockIndex,
+    DenseSchedule,
     KeyReservoir,
     RangeSearchIndex,
     attended_keys,
@@ -246,6 +252,62 @@ def timing(capture: dict, length: int, layers: list[int], modes: list[str], reps
     return out
 
 
+SCHEDULED = ["block@0.99", "certified@0.01", "all-dense"]
+SCHEDULE_STEPS = 64
+
+
+def scheduled_run(state: LayerState, name: str, q: torch.Tensor, scale: float) -> int:
+    """SCHEDULE_STEPS decode steps of mode ``name`` (or "dense matmul") through a fresh `DenseSchedule` at
+    the graft's defaults; returns how many steps planned."""
+    k, v = state.keys[:, :, :state.n], state.values[:, :, :state.n]
+    if name == "dense matmul":
+        for _ in range(SCHEDULE_STEPS):
+            dense_matmul(q, k, v, scale, state.blocks)
+        return 0
+    defaults = RangeSearchConfig()
+    schedule = DenseSchedule(defaults.recheck_every, defaults.recheck_max)
+    fallback = MODES[name].get("dense_fallback", default_dense_fallback(MODES[name]["mode"], q.shape[-1]))
+    for _ in range(SCHEDULE_STEPS):
+        if schedule.plan_now():
+            _, plan = state.step(name, q, scale)
+            schedule.record(plan, state.blocks, fallback)
+        else:
+            dense_matmul(q, k, v, scale, state.blocks)
+    return schedule.n_planned
+
+
+def scheduled_timing(capture: dict, length: int, layers: list[int], modes: list[str], reps: int) -> dict:
+    """Per-token ms of SCHEDULE_STEPS consecutive decode steps of one layer through the graft's plan-or-dense
+    schedule (`DenseSchedule` at the graft's defaults: a plan that does not pay starts a dense streak of 16,
+    then 32, 64 ... steps), against as many steps of the grouped dense matmul, interleaved. Every step
+    answers the length's last query (so a plan that fails fails each time it is tried): the cost of a layer
+    whose keys cannot be pruned, amortised as decode amortises it."""
+    names = ["dense matmul", *modes]
+    times = {name: [] for name in names}
+    planned = {name: [] for name in names}
+    for layer in layers:
+        keys, values, scale = capture["keys"][layer], capture["values"][layer], capture["scaling"][layer]
+        p = max(x for x in capture["query_positions"] if x < length)
+        state = LayerState(keys, values, p + 1)
+        state.advance(p + 1)
+        q = capture["queries"][layer][capture["query_positions"].index(p)][None]
+        for name in names:
+            scheduled_run(state, name, q, scale)
+        for _ in range(reps):
+            for name in names:
+                start = time.perf_counter()
+                planned[name].append(scheduled_run(state, name, q, scale))
+                times[name].append((time.perf_counter() - start) * 1e3 / SCHEDULE_STEPS)
+    dense = statistics.median(times["dense matmul"])
+    out = {"steps": SCHEDULE_STEPS, "dense_matmul_ms": dense}
+    for m in modes:
+        ms = statistics.median(times[m])
+        lo, hi = bootstrap_ratio(times["dense matmul"], times[m])
+        out[m] = {"ms": ms, "speed_vs_dense_matmul": dense / ms, "interval": [lo, hi],
+                  "planned_steps": statistics.fmean(planned[m])}
+    return out
+
+
 def calibrate(capture: dict, length: int, layer: int, fractions: list[float], reps: int) -> dict:
     """ms of the block path reading a fixed fraction of every kv head's blocks, vs dense matmul."""
     keys, values, scale = capture["keys"][layer], capture["values"][layer], capture["scaling"][layer]
@@ -346,6 +408,22 @@ def markdown(report: dict) -> str:
                     f"| {model} | {length} | {m} | {q['keys_read']:.3f} | {q['mass_mean']:.4f} / {q['mass_p5']:.4f} / "
                     f"{q['mass_min']:.4f} | {q['err_mean']:.4f} / {q['err_max']:.4f} | {q['dense_share']:.2f}{bound} | "
                     f"{tm.get('ms', float('nan')):.2f} | {speed} | {tm.get('speed_vs_sdpa', float('nan')):.2f}x |")
+    sched = [(model, length, row["scheduled"]) for model, rows in report["models"].items()
+             for length, row in rows.items() if row.get("scheduled")]
+    if sched:
+        lines += ["", (f"Through the plan-or-dense schedule: per-token ms over {sched[0][2]['steps']} consecutive "
+                       "decode steps of one layer (the graft's DenseSchedule: a plan that does not pay starts a dense "
+                       "streak of 16, 32, 64 ... steps), vs as many steps of the grouped dense matmul, interleaved; "
+                       "every step answers the same (last) query."), "",
+                  "| model | keys | mode | planned steps | ms / token | dense matmul ms | speed vs dense matmul |",
+                  "|---|---|---|---|---|---|---|"]
+        for model, length, t in sched:
+            for m in SCHEDULED:
+                if m in t:
+                    r = t[m]
+                    lines.append(f"| {model} | {length} | {m} | {r['planned_steps']:.1f} of {t['steps']} | "
+                                 f"{r['ms']:.2f} | {t['dense_matmul_ms']:.2f} | {r['speed_vs_dense_matmul']:.2f}x "
+                                 f"[{r['interval'][0]:.2f}, {r['interval'][1]:.2f}] |")
     lines += ["", ("Ordering study: fraction of 16-key blocks a kv head reads (union over its query heads) to "
                    "capture the target of every head's true softmax mass (sinks + 256-key window always attended)."), ""]
     names = sorted({k for rows in report["models"].values() for r in rows.values() for k in r.get("ordering", {})})
@@ -365,6 +443,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="key counts (default: 2048 ... capture length)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--reps", type=int, default=10, help="timed steps per layer and mode")
+    parser.add_argument("--schedule-reps", type=int, default=3, help="timed runs per layer of the scheduled steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-ordering", action="store_true")
     parser.add_argument("--calibrate", action="store_true", help="only measure the dense_fallback crossover")
@@ -388,6 +467,10 @@ def main(argv=None) -> None:
                     continue
                 row = {"quality": quality(capture, length, args.modes),
                        "timing": timing(capture, length, TIMING_LAYERS[model], args.modes, args.reps)}
+                scheduled = [m for m in SCHEDULED if m in args.modes]
+                if scheduled:
+                    row["scheduled"] = scheduled_timing(capture, length, TIMING_LAYERS[model], scheduled,
+                                                        args.schedule_reps)
                 if not args.no_ordering:
                     row["ordering"] = ordering(capture, length)
                 rows[length] = row

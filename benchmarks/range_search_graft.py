@@ -19,8 +19,9 @@ chunks), every variant gets a copy of that cache and decodes ``--decode-steps`` 
 interleaved across variants so all see the same machine load. Reported: median ms per token over the steps
 after the first (the first builds the index; reported apart), speed vs dense with a bootstrap 95% interval
 over steps, tokens equal to dense and the first step where the continuation differs, the softmax mass kept
-and keys read (a tracked run of a few extra steps), and host syncs per grafted layer and step
-(`graftlm.host_syncs.HostSyncCounter`, one untimed step).
+and keys read (a tracked run of a few extra steps), the share of grafted layer steps that planned through
+the index (block and certified modes; the others ran a dense streak, `kernels/range_search/schedule.py`),
+and host syncs per grafted layer and step (`graftlm.host_syncs.HostSyncCounter`, one untimed step).
 
 Needle (``graftlm.eval`` task ``needle`` at ``--context`` tokens, depths spread over the examples): each
 prompt is prefilled once without its last 16 tokens, which every variant then reads one decode step at a
@@ -149,6 +150,11 @@ def continuation(runner: Runner, context: int, steps: int) -> tuple[dict, tuple]
         with HostSyncCounter() as counter:
             runner.step(name, caches[name], tokens[name])
         syncs[name] = counter.total
+    planned = {}
+    for name in runner.variants:
+        schedules = [st.schedule for st in caches[name].range_search.values() if st.schedule is not None]
+        n_steps = sum(x.n_planned + x.n_dense for x in schedules)
+        planned[name] = sum(x.n_planned for x in schedules) / n_steps if n_steps else None
     dense_syncs = syncs.get("dense", 0)
     dense = generated["dense"]
     result = {"context": context, "steps": steps, "prefill_s": round(prefill_s, 1), "variants": {}}
@@ -163,6 +169,7 @@ def continuation(runner: Runner, context: int, steps: int) -> tuple[dict, tuple]
             "speed_vs_dense": statistics.median(dense_ms) / statistics.median(ms), "interval": [lo, hi],
             "tokens_equal": equal, "first_difference": first_diff,
             "syncs_per_layer_step": (syncs[name] - dense_syncs) / n_layers if VARIANTS[name] else 0.0,
+            "planned_share": planned[name],
             "text": runner.tokenizer.decode(generated[name]),
         }
     return result, (prefilled, first_logits)
@@ -232,7 +239,8 @@ def markdown(report: dict) -> str:
               f"{report['date']}, {report['machine']}, torch threads {report['threads']}; speed = dense ms / "
               "variant ms (median over steps 2..n, [bootstrap 95%])."), "",
              ("| variant | ms/token | speed vs dense | first step ms | tokens equal to dense | mass kept mean / min | "
-              "keys attended | needle acc [Wilson 95%] | syncs / layer / step |"), "|---|---|---|---|---|---|---|---|---|"]
+              "keys attended | planned steps | needle acc [Wilson 95%] | syncs / layer / step |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in cont["variants"].items():
         rec = recall.get(name, {})
         mass = f"{rec['mass_mean']:.4f} / {rec['mass_min']:.4f}" if rec else "1 / 1"
@@ -242,7 +250,8 @@ def markdown(report: dict) -> str:
         equal = f"{r['tokens_equal']}/{cont['steps']}" + ("" if r["first_difference"] is None else
                                                           f" (first diff. at {r['first_difference']})")
         lines.append(f"| {name} | {r['ms_per_token']:.1f} | {r['speed_vs_dense']:.2f}x [{r['interval'][0]:.2f}, "
-                     f"{r['interval'][1]:.2f}] | {r['first_step_ms']:.0f} | {equal} | {mass} | {keys} | {acc} | "
+                     f"{r['interval'][1]:.2f}] | {r['first_step_ms']:.0f} | {equal} | {mass} | {keys} | "
+                     f"{'-' if r.get('planned_share') is None else format(r['planned_share'], '.2f')} | {acc} | "
                      f"{r['syncs_per_layer_step']:.1f} |")
     return "\n".join(lines)
 
