@@ -2,10 +2,11 @@
 
 Both runs greedily decode the same number of tokens after the same prompt; range search uses its fast
 block mode (issue 19: contiguous key blocks read in order of their estimated softmax mass until the mass
-target, heads that cannot be pruned computed densely). Reported: decode time per token of each, whether the
-generated tokens agree, the fraction of the exact softmax mass the attended keys carry, and the fraction of
-keys attended (recall is measured in a separate tracked run so the timed run does not pay for computing
-every score).
+target, heads that cannot be pruned computed densely, and a layer whose plans do not pay decoding densely
+without planning: `graftlm.kernels.range_search.schedule`). Reported: decode time per token of each,
+whether the generated tokens agree, the fraction of the exact softmax mass the attended keys carry, the
+fraction of keys attended, and the share of layer steps that planned through the index (recall is
+measured in a separate tracked run so the timed run does not pay for computing every score).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import statistics
 import time
 
 
-def _decode_seconds_per_token(model, input_ids, new_tokens: int) -> tuple[float, list[int]]:
+def _decode_seconds_per_token(model, input_ids, new_tokens: int, **kwargs) -> tuple[float, list[int]]:
     """Greedy decode; returns (median seconds per decode step, generated ids)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -27,7 +28,7 @@ def _decode_seconds_per_token(model, input_ids, new_tokens: int) -> tuple[float,
             return scores
 
     out = model.generate(input_ids=input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]))
+                         pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]), **kwargs)
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     return statistics.median(steps), out[0, input_ids.shape[1]:].tolist()
 
@@ -53,8 +54,11 @@ def compare_range_search(base_model, tokenizer, context_tokens: int = 2048, new_
     tracked.detach()
 
     fast = attach_adapter(base_model, RangeSearchConfig(**config), adapter_name="range")
-    range_s, range_ids = _decode_seconds_per_token(fast, ids, new_tokens)
+    cache = fast.grafts["range"].make_cache()
+    range_s, range_ids = _decode_seconds_per_token(fast, ids, new_tokens, past_key_values=cache)
     fast.detach()
+    schedules = [s.schedule for s in cache.range_search.values() if s.schedule is not None]
+    planned = sum(s.n_planned for s in schedules) / max(1, sum(s.n_planned + s.n_dense for s in schedules))
     agree = sum(a == b for a, b in zip(dense_ids, range_ids)) / len(dense_ids)
     label = f"range search (block mode), {ids.shape[1]} tokens, mass target {mass_target}"
     return [
@@ -62,4 +66,6 @@ def compare_range_search(base_model, tokenizer, context_tokens: int = 2048, new_
          f"{1000 * dense_s:.1f} vs {1000 * range_s:.1f} (x{dense_s / range_s:.2f})"),
         (f"{label}: softmax mass kept", f"{mass:.3f} (keys attended {kept:.3f})"),
         (f"{label}: tokens equal to dense", f"{agree:.2f}"),
+        (f"{label}: layer steps planned through the index (the rest: dense streaks where plans did not pay)",
+         f"{planned:.2f}"),
     ]
