@@ -8,9 +8,10 @@ with dense and needle accuracy, every mode side by side with dense in one run, o
 Variants (one model, one graft whose config is switched per variant, each with its own cache):
 
 * ``dense``: the graft disabled, the model's own SDPA attention (the baseline);
-* ``graft dense path``: the block mode with ``mass_target=1, dense_fallback=0``, so every head takes the
-  graft's dense fallback (a grouped matmul): what the graft costs when it prunes nothing, and a control
-  that separates the index's gain from the dense kernel's;
+* ``graft dense path``: the block mode at ``mass_target=1``, which no head reaches within its budget, so
+  every planned step plans in full and then takes the dense fallback (a grouped matmul) on every head, and
+  the layer then backs off the plan (`DenseSchedule`): what the graft costs when it prunes nothing, and a
+  control that separates the index's gain from the dense kernel's;
 * ``block@0.99`` (the default config), ``block@0.95``, ``certified@0.01``, ``exact`` (the paper's tree with
   its defaults: reservoir tau at budget 0.05, dense fallback).
 
@@ -57,7 +58,7 @@ from graftlm.patches.cache_kwarg import with_cache
 
 VARIANTS = {
     "dense": None,
-    "graft dense path": {"mode": "block", "mass_target": 1.0, "dense_fallback": 0.0},
+    "graft dense path": {"mode": "block", "mass_target": 1.0},
     "block@0.99": {"mode": "block"},
     "block@0.95": {"mode": "block", "mass_target": 0.95},
     "certified@0.01": {"mode": "certified", "tolerance": 0.01},
