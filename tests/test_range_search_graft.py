@@ -11,9 +11,10 @@ from transformers import AttentionInterface, DynamicCache
 import graftlm
 from graftlm.adapters import RangeSearchConfig, attach_adapter
 from graftlm.adapters.io import WEIGHTS_NAME
-from graftlm.adapters.range_search import forced_keys
+from graftlm.adapters.range_search import forced_keys, range_search_decode
 from graftlm.adapters.range_search_cache import RangeSearchCache
-from graftlm.kernels.range_search import RangeSearchIndex, exact_scores, halfspace_mask
+from graftlm.host_syncs import HostSyncCounter
+from graftlm.kernels.range_search import KeyReservoir, RangeSearchIndex, exact_scores, halfspace_mask
 from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_kwarg
 
 PROMPT = torch.tensor([[3, 17, 42, 9, 77, 5, 120, 33, 8, 61, 14, 90, 27, 64, 11, 38, 99, 52, 7, 45, 81, 23, 70]])
@@ -22,8 +23,10 @@ FAMILIES = ["llama", "gemma3"]
 
 
 def small_graft(**overrides):
-    """Settings that make the index matter on a tiny model: short window, one sink, no min_keys."""
-    values = {"budget": 0.2, "min_keys": 0, "window": 2, "n_sink": 1, "block_size": 4, "track_recall": True}
+    """Exact-mode settings that make the index matter on a tiny model: short window, one sink, no min_keys,
+    no dense fallback (so every step goes through the tree)."""
+    values = {"mode": "exact", "budget": 0.2, "min_keys": 0, "window": 2, "n_sink": 1, "block_size": 4,
+              "track_recall": True, "dense_fallback": 1.0}
     values.update(overrides)
     return RangeSearchConfig(**values)
 
@@ -285,7 +288,7 @@ def test_index_retrieval_is_exact_on_real_captured_keys():
 
 TRITON_ROUTE_CHECK = """
 import torch
-from graftlm.adapters.range_search import forced_keys, range_search_decode
+from graftlm.adapters.range_search import forced_keys, range_search_decode, range_search_decode
 from graftlm.kernels.range_search import RangeSearchIndex, budget_threshold, exact_scores
 torch.manual_seed(0)
 keys, values, q = torch.randn(2, 1, 300, 16), torch.randn(2, 1, 300, 16), torch.randn(2, 4, 16)
@@ -314,3 +317,150 @@ def test_triton_route_matches_torch_route_under_interpreter():
     result = subprocess.run([sys.executable, "-c", TRITON_ROUTE_CHECK], env=env, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# -- block and certified modes (issue 19) ----------------------------------------------------------------
+def block_graft(**overrides):
+    """Block-mode settings that make the block index matter on a tiny model: blocks of 4 keys, flushes of 16,
+    a window of 8, no dense fallback and no dense streak (every step goes through the plan)."""
+    values = {"mode": "block", "mass_target": 0.9, "min_keys": 0, "window": 8, "n_sink": 2, "block_size": 16,
+              "block_keys": 4, "cluster_keys": 32, "dense_fallback": 1.0, "recheck_every": 1, "track_recall": True}
+    values.update(overrides)
+    return RangeSearchConfig(**values)
+
+
+LONG_PROMPT = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mode", ["block", "certified"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_modes_attach_exactly_and_equal_dense_when_nothing_is_pruned(family, mode):
+    base = build_tiny_model(family)
+    before = forward_logits(base, LONG_PROMPT)
+    dense_ids, dense_logits = greedy(base, LONG_PROMPT)
+    model = attach_adapter(base, block_graft(mode=mode, mass_target=1.0, tolerance=0.01, dense_fallback=0.0))
+    assert torch.equal(forward_logits(model, LONG_PROMPT), before)
+    ids, logits = greedy(model, LONG_PROMPT)
+    assert torch.equal(ids, dense_ids)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    assert all(r["dense_fraction"] == 1.0 for r in graft_of(model).recall_log)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_mode_decodes_through_the_blocks(family):
+    model = attach_adapter(build_tiny_model(family), block_graft())
+    cache = graft_of(model).make_cache()
+    greedy(model, LONG_PROMPT, past_key_values=cache)
+    for state in cache.range_search.values():
+        assert state.index.n_blocked > 0 and state.n_queries == NEW_TOKENS - 1
+        last = state.last
+        assert last["attended"].float().mean() < 1.0  # some blocks were left out
+    log = graft_of(model).recall_log
+    assert all(0 < r["mass_recall"] <= 1 + 1e-6 and r["dense_fraction"] == 0.0 for r in log)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_certified_mode_keeps_its_bound(family):
+    model = attach_adapter(build_tiny_model(family), block_graft(mode="certified", tolerance=0.2))
+    greedy(model, LONG_PROMPT)
+    log = graft_of(model).recall_log
+    assert log and all(r["certified_bound"] <= 0.2 for r in log)
+    assert all(r["mass_recall"] >= 1 - 0.2 - 1e-6 for r in log)  # the bound holds on the true mass
+
+
+def test_a_layer_that_cannot_prune_backs_off_the_plan_and_stays_dense():
+    base = build_tiny_model("llama")
+    dense_ids, dense_logits = greedy(base, LONG_PROMPT)
+    model = attach_adapter(base, block_graft(dense_fallback=0.0, recheck_every=2, recheck_max=4))
+    cache = graft_of(model).make_cache()
+    ids, logits = greedy(model, LONG_PROMPT, past_key_values=cache)
+    assert torch.equal(ids, dense_ids)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    # 8 decode steps: plan at 1, dense 2, plan at 3, dense 4-6 (the interval doubled to 4), plan at 7, dense 8
+    for state in cache.range_search.values():
+        s = state.schedule
+        assert (s.n_planned, s.n_dense, s.dense_left, s.interval) == (3, 5, 2, 4)
+
+
+def test_a_plan_that_pays_keeps_the_layer_planning():
+    model = attach_adapter(build_tiny_model("llama"), block_graft(recheck_every=2, recheck_max=4))
+    cache = graft_of(model).make_cache()
+    greedy(model, LONG_PROMPT, past_key_values=cache)
+    for state in cache.range_search.values():
+        assert (state.schedule.n_planned, state.schedule.n_dense) == (NEW_TOKENS - 1, 0)
+
+
+def _decode_syncs(model, cache, steps=3):
+    """Host syncs of each of `steps` one-token forwards after the prefill and one warm-up step."""
+    counts = []
+    with torch.no_grad():
+        out = model(input_ids=LONG_PROMPT, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            with HostSyncCounter() as syncs:
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            counts.append(syncs.total)
+    return counts
+
+
+@pytest.mark.parametrize("mode,most", [("block", 1), ("certified", 2)])
+def test_host_syncs_per_layer_and_decode_step(mode, most):
+    """Fails if a change adds a host sync to a decode step (counted on the CPU, where they cost nothing)."""
+    base = build_tiny_model("llama")
+    model = attach_adapter(base, block_graft(mode=mode, block_size=64, cluster_keys=64))  # no flush in the steps
+    graft = graft_of(model)
+    graft.config.track_recall = False
+    with model.disable_adapter():
+        dense = _decode_syncs(model, graft.make_cache())
+    grafted = _decode_syncs(model, graft.make_cache())
+    n_layers = len(graft.layer_indices)
+    assert all(g - d <= most * n_layers for g, d in zip(grafted, dense)), (grafted, dense)
+    assert any(g > d for g, d in zip(grafted, dense))  # the plan was read: the steps went through the index
+    streak = attach_adapter(build_tiny_model("llama"), block_graft(dense_fallback=0.0, recheck_every=100,
+                                                                    block_size=64, cluster_keys=64))
+    graft_of(streak).config.track_recall = False
+    assert _decode_syncs(streak, graft_of(streak).make_cache()) == dense  # the dense streak reads nothing
+
+
+def test_exact_mode_dense_fallback_matches_the_index():
+    """Rows the tree cannot prune take the dense scan: same kept set (reservoir tau, no key at tau), so the
+    same output, whether every row, some rows (mixed) or none fall back."""
+    g = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(2, 2, 8, 16, generator=g)
+    keys = centres[:, :, torch.randint(0, 8, (300,), generator=g)] + 0.2 * torch.randn(2, 2, 300, 16, generator=g)
+    values = torch.randn(2, 2, 300, 16, generator=g)
+    q = torch.randn(2, 4, 16, generator=g)
+    q[0] = keys[0, [0, 0, 1, 1], 5]  # rows aligned with one cluster: the tree prunes the others
+    key_mask = torch.ones(2, 300, dtype=torch.bool)
+    key_mask[1, :20] = False
+    index = RangeSearchIndex.build(keys[:, :, :256])
+    index.append(keys[:, :, 256:])
+    reservoir = KeyReservoir(128)
+    reservoir.add(keys)
+    tau = reservoir.threshold(q, 0.1)
+    forced = forced_keys(key_mask, 2, 300, 2, 8, "cpu")
+    fractions = index.candidate_fraction(q, tau)
+    mixed = float(fractions.min() + fractions.max()) / 2
+    run = {fallback: range_search_decode(q, keys, values, index, tau, forced=forced, key_mask=key_mask, scale=0.25,
+                                         dense_fallback=fallback) for fallback in (1.0, mixed, 0.0)}
+    assert 0 < (fractions <= mixed).sum() < 8
+    torch.testing.assert_close(run[0.0], run[1.0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run[mixed], run[1.0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field_name,value", [
+    ("mode", "fast"), ("mass_target", 0.0), ("mass_target", 1.5), ("tolerance", 1.0), ("block_keys", 0),
+    ("block_keys", 5), ("cluster_keys", 300), ("outlier_norm", 0.0), ("dense_fallback", 1.5),
+    ("recheck_every", 0), ("recheck_max", 4)])
+def test_config_rejects_bad_mode_fields(field_name, value):
+    with pytest.raises(ValueError, match=field_name):
+        RangeSearchConfig(**{field_name: value})
+    assert field_name in RangeSearchConfig.field_help() and RangeSearchConfig.field_help()[field_name]
+
+
+def test_config_saved_before_modes_loads_as_the_exact_mode():
+    saved = {k: v for k, v in RangeSearchConfig(budget=0.1).to_dict().items() if k != "mode"}
+    assert RangeSearchConfig.from_dict(saved).mode == "exact"
+    assert RangeSearchConfig.from_dict({**saved, "mode": "block"}).mode == "block"

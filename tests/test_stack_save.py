@@ -166,7 +166,7 @@ def test_the_real_grafts_stacked_under_their_own_names_round_trip(family, tmp_pa
     specs = [
         ("sst", SSTConfig()),
         ("echo", EchoConfig(rank=4, value_dim=8, chunk_size=4, target_layers=[0, -1])),
-        ("range", RangeSearchConfig(budget=0.2, min_keys=0, window=2, n_sink=1, block_size=4)),
+        ("range", RangeSearchConfig(mode="exact", budget=0.2, min_keys=0, window=2, n_sink=1, block_size=4)),
         ("head", AttractorConfig(attn_heads=2, attn_head_dim=8, mlp_hidden=32)),
         ("lora", LoRAConfig(r=2)),
     ]

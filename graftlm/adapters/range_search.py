@@ -1,14 +1,28 @@
 """Range-search attention as a graft (METHODS.md section 4; arXiv 2605.06763): decode attention of the
-frozen model's full-attention layers runs over an exact halfspace range of its KV cache.
+frozen model's full-attention layers runs over part of its KV cache, chosen through an index.
 
-At a decode step (one query token) of a grafted layer, each query head h keeps
+Three modes (``mode``):
 
-    R(q_h, tau_h) = { k : q_h . k >= tau_h }  u  sinks  u  recent window
+* ``"exact"`` (the paper's method): each query head h keeps
 
-found through the product-ball tree index of `graftlm.kernels.range_search` (no false negatives: every
-key above tau is kept), and runs an ordinary softmax over exactly those keys with exact scores. Prefill
-(query length > 1) is dense. Gemma 3's sliding-window layers are always left dense. No trainable
-parameters: the saved adapter holds only its config.
+      R(q_h, tau_h) = { k : q_h . k >= tau_h }  u  sinks  u  recent window
+
+  found through the product-ball tree index (no false negatives: every key above tau is kept), and runs an
+  ordinary softmax over exactly those keys with exact scores.
+* ``"block"`` (fast, approximate): keys live in contiguous blocks; per kv head, blocks are read in order of
+  their estimated softmax mass until the estimated captured mass reaches ``mass_target`` for every query
+  head of the group (`graftlm.kernels.range_search.block_attention`). Approximate: the estimate is not a
+  bound, and the mass kept can fall below the target.
+* ``"certified"``: blocks are added in order of their score upper bound until a proven upper bound on the
+  softmax mass left out is below ``tolerance`` for every head, so each step's attention error is bounded
+  by proof.
+
+In every mode a head the index cannot prune (more than ``dense_fallback`` of its keys would be read) is
+computed densely instead, and (block and certified modes) a layer whose plan did not pay decodes densely
+without planning for ``recheck_every`` steps, doubling up to ``recheck_max`` while its plans keep failing
+(`graftlm.kernels.range_search.schedule`), so the graft costs little more than dense attention where it
+cannot prune. Prefill (query length > 1) is dense. Gemma 3's sliding-window layers are always
+left dense. No trainable parameters: the saved adapter holds only its config.
 
 How it is wired (transformers 5.x):
 
@@ -28,7 +42,7 @@ How it is wired (transformers 5.x):
   graft's cache) is used as given and decode stays dense (with a one-time warning): an index kept
   beside a foreign cache could silently go stale under beam reordering or cropping.
 
-Thresholds, per query head (``threshold``):
+Thresholds of the exact mode, per query head (``threshold``):
 
 * ``"budget"``: tau is the exact ceil(budget * n)-th largest score, from all n scores. Exact, but
   computing every score costs as much as dense attention's first half, so this mode saves nothing; it
@@ -40,6 +54,17 @@ Thresholds, per query head (``threshold``):
 
 Sinks are the first ``n_sink`` real tokens of each row (left padding shifts them), the window is the
 last ``window`` positions. Decode steps with fewer than ``min_keys`` keys stay dense.
+
+Dense fallback of the exact mode: the tree's top level alone bounds how many keys a head can get as
+candidates (`RangeSearchIndex.candidate_fraction`); above ``dense_fallback`` the head's range is found by
+a dense scan (all scores by matmul, then the same filter), which gives the same set except that a key
+within float rounding of tau may fall on the other side (the scan's matmul sums in another order than the
+index's exact score).
+
+Host syncs per grafted layer and decode step (counted by `graftlm.host_syncs.HostSyncCounter`): block mode
+1 (the plan), certified mode 1-2, exact mode 1 when every head falls back to dense, more (one per tree
+level and filter) when the index prunes. A step that moves keys into blocks (every ``block_size`` keys)
+adds one more.
 
 Limits: anything that rewrites a `RangeSearchCache`'s past (beam search reorders it every step, contrastive
 search selects rows, ``crop``) drops the indexes, and the next step rebuilds them from the cache: correct,
@@ -63,7 +88,10 @@ from graftlm.adapters.range_search_cache import RangeSearchCache, RangeSearchLay
 from graftlm.adapters.registry import register_graft
 from graftlm.kernels.range_search import (
     RangeSearchIndex,
+    attended_keys,
+    block_sparse_decode,
     budget_threshold,
+    dense_rows,
     exact_scores,
     gathered_attention,
     pack_rows,
@@ -72,40 +100,114 @@ from graftlm.kernels.range_search import (
     softmax_mass_recall,
     triton_available,
 )
+from graftlm.kernels.range_search.block_attention import softmax
 from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
 THRESHOLD_MODES = ("budget", "reservoir")
 BACKENDS = ("auto", "torch", "triton")
+MODES = ("exact", "block", "certified")
+# dense_fallback when the config leaves it None: the fraction of a head's keys above which its indexed path
+# costs more than dense attention, measured on a 2-core CPU by `benchmarks/range_search.py --calibrate`
+# (issue 19): the block path breaks even at 0.2-0.3 of the keys for SmolLM2's heads (D = 64, 3 kv heads)
+# and at 0.45-0.5 for Gemma 3's (D = 256, 1 kv head); the tree needs to prune about 90% to pay.
+EXACT_DENSE_FALLBACK = 0.1
+BLOCK_DENSE_FALLBACK = {64: 0.25, 256: 0.45}  # by head dim; other dims take the nearest
+
+
+def default_dense_fallback(mode: str, head_dim: int) -> float:
+    """The measured dense_fallback of a mode for a head dimension (see BLOCK_DENSE_FALLBACK)."""
+    if mode == "exact":
+        return EXACT_DENSE_FALLBACK
+    nearest = min(BLOCK_DENSE_FALLBACK, key=lambda d: abs(math.log(d / head_dim)))
+    return BLOCK_DENSE_FALLBACK[nearest]
 
 
 @dataclass
 class RangeSearchConfig(GraftConfig):
-    """Range-search decode attention over an exact halfspace index of the KV cache (METHODS.md section 4)."""
+    """Range-search decode attention through an index of the KV cache (METHODS.md section 4; issue 19): the
+    paper's exact halfspace range, a fast block mode, or a certified block mode (``mode``)."""
 
     graft_type = "range_search"
 
+    mode: str = field(
+        default="block",
+        metadata={"help": "'exact' (the paper's halfspace range through a product-ball tree, no false negatives), "
+                          "'block' (fast, approximate: contiguous key blocks read in order of their estimated "
+                          "softmax mass until mass_target), or 'certified' (blocks added until a proven bound "
+                          "on the softmax mass left out is below tolerance).",
+                  "choices": MODES},
+    )
+    mass_target: float = field(
+        default=0.99,
+        metadata={"help": "mode='block': estimated share of each query head's softmax mass to capture, in (0, 1]; "
+                          "an estimate, so the mass really kept can be lower.", "gt": 0.0, "max": 1.0},
+    )
+    tolerance: float = field(
+        default=0.01,
+        metadata={"help": "mode='certified': proven upper bound on the softmax mass each query head leaves out, "
+                          "in (0, 1).", "gt": 0.0, "lt": 1.0},
+    )
+    block_keys: int = field(
+        default=16,
+        metadata={"help": "Keys per block of the block index (modes 'block' and 'certified'); must divide "
+                          "block_size.", "min": 1},
+    )
+    cluster_keys: int = field(
+        default=1024,
+        metadata={"help": "Prefill keys permuted together into blocks by one PCA tree (a multiple of block_size; "
+                          "decode keys are permuted block_size at a time).", "min": 1},
+    )
+    outlier_norm: float | None = field(
+        default=0.3,
+        metadata={"help": "A key whose norm is off its chunk's median norm by more than this fraction of it is "
+                          "always attended exactly (modes 'block' and 'certified'); None disables.", "gt": 0.0},
+    )
+    dense_fallback: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of a head's keys (exact: candidates; block / certified: keys read) above "
+                          "which the head is computed densely, in [0, 1]; None = the measured default: "
+                          f"exact {EXACT_DENSE_FALLBACK}, block / certified by head dim {BLOCK_DENSE_FALLBACK}.",
+                  "min": 0.0, "max": 1.0},
+    )
+    recheck_every: int = field(
+        default=16,
+        metadata={"help": "Modes 'block' / 'certified': after a planned step that did not pay (every head fell "
+                          "back to dense, or the layer read more than dense_fallback of its keys), the layer "
+                          "decodes densely, without planning, until this many steps have passed; each further "
+                          "plan that does not pay doubles that interval (up to recheck_max).",
+                  "min": 1},
+    )
+    recheck_max: int = field(
+        default=256,
+        metadata={"help": "Modes 'block' / 'certified': the longest dense interval between two plans of a layer "
+                          "(>= recheck_every).", "min": 1},
+    )
     budget: float = field(
         default=0.05,
-        metadata={"help": "Fraction of a row's keys each query head keeps above tau (sinks and window come on "
-                          "top). >= 1 keeps every key (tau = -inf): decode then equals dense attention.",
+        metadata={"help": "mode='exact': fraction of a row's keys each query head keeps above tau (sinks and "
+                          "window come on top). >= 1 keeps every key (tau = -inf): decode then equals dense.",
                   "gt": 0.0},
     )
     threshold: str = field(
         default="reservoir",
-        metadata={"help": "How tau is set: 'reservoir' (quantile of a uniform key sample; fast, approximate "
-                          "budget) or 'budget' (exact top-budget from all scores; costs a dense score pass).",
+        metadata={"help": "mode='exact': how tau is set: 'reservoir' (quantile of a uniform key sample; fast, "
+                          "approximate budget) or 'budget' (exact top-budget from all scores; a dense score pass).",
                   "choices": THRESHOLD_MODES},
     )
     reservoir_size: int = field(
-        default=1024, metadata={"help": "Keys sampled per kv head for threshold='reservoir'.", "min": 1}
+        default=1024, metadata={"help": "mode='exact': keys sampled per kv head for threshold='reservoir'.", "min": 1}
     )
     n_subspaces: int = field(
-        default=4, metadata={"help": "Subspaces S the head dimension is split into (at most head_dim).", "min": 1}
+        default=4, metadata={"help": "mode='exact': subspaces S the head dimension is split into (at most head_dim).",
+                             "min": 1}
     )
-    leaf_size: int = field(default=4, metadata={"help": "Keys per leaf ball of the index.", "min": 1})
-    fanout: int = field(default=4, metadata={"help": "Children per inner node of the index tree.", "min": 2})
+    leaf_size: int = field(default=4, metadata={"help": "mode='exact': keys per leaf ball of the tree index.", "min": 1})
+    fanout: int = field(
+        default=4, metadata={"help": "mode='exact': children per inner node of the tree index.", "min": 2}
+    )
     block_size: int = field(
-        default=256, metadata={"help": "Decode keys buffered before they are clustered into the index.", "min": 1}
+        default=256, metadata={"help": "Decode keys buffered before they are clustered into the index (every mode).",
+                               "min": 1}
     )
     n_sink: int = field(default=4, metadata={"help": "First real tokens of each row always attended.", "min": 0})
     window: int = field(default=256, metadata={"help": "Most recent positions always attended.", "min": 0})
@@ -133,6 +235,31 @@ class RangeSearchConfig(GraftConfig):
         if self.n_subspaces > head_dim:
             raise self.error("n_subspaces", f"must be at most the model's head_dim={head_dim}, got {self.n_subspaces}")
 
+    def validate(self) -> None:
+        """Rules across the fields of the block and certified modes (issue 19)."""
+        if self.mode == "exact":
+            return
+        if self.recheck_max < self.recheck_every:
+            raise self.error("recheck_max", f"must be at least recheck_every={self.recheck_every} in mode "
+                                            f"{self.mode!r}, got {self.recheck_max}")
+        if self.block_size % self.block_keys:
+            raise self.error("block_keys", f"must divide block_size={self.block_size} in mode {self.mode!r}, "
+                                           f"got {self.block_keys}")
+        if self.cluster_keys % self.block_size:
+            raise self.error("cluster_keys", f"must be a multiple of block_size={self.block_size} in mode "
+                                             f"{self.mode!r}, got {self.cluster_keys}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RangeSearchConfig:
+        """A config saved before modes existed (no ``mode`` key) was the exact mode: load it as such."""
+        if isinstance(values, dict) and "mode" not in values:
+            values = {**values, "mode": "exact"}
+        return super().from_dict(values)
+
+    def resolved_dense_fallback(self, head_dim: int) -> float:
+        """dense_fallback, or the mode's measured default for this head dim when it is None."""
+        return default_dense_fallback(self.mode, head_dim) if self.dense_fallback is None else self.dense_fallback
+
 
 # -- the decode computation: pure tensor functions ------------------------------------------------------
 def decode_key_mask(attention_mask: torch.Tensor | None, batch: int, n_keys: int) -> torch.Tensor | None:
@@ -144,8 +271,7 @@ def decode_key_mask(attention_mask: torch.Tensor | None, batch: int, n_keys: int
         return None
     row = attention_mask[:, 0, -1, -n_keys:]
     real = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    real = real.expand(batch, n_keys)
-    return None if bool(real.all()) else real
+    return real.expand(batch, n_keys)  # kept even when all True: checking would be a host sync
 
 
 def forced_keys(key_mask: torch.Tensor | None, batch: int, n_keys: int, n_sink: int, n_window: int,
@@ -162,7 +288,7 @@ def forced_keys(key_mask: torch.Tensor | None, batch: int, n_keys: int, n_sink: 
 
 def attended_pairs(
     q: torch.Tensor, keys: torch.Tensor, index: RangeSearchIndex, tau: torch.Tensor, forced: torch.Tensor,
-    key_mask: torch.Tensor | None, bounds_backend: str = "torch",
+    key_mask: torch.Tensor | None, bounds_backend: str = "torch", rows_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The keys each query row attends, R(q, tau) u forced, as flat pairs with exact scores.
 
@@ -170,9 +296,10 @@ def attended_pairs(
     (rows [P], key_ids [P], scores [P] float32), row = b * H_q + h. The index prunes (its node bounds
     scored by ``bounds_backend``); survivors are filtered with the exact score (`pair_scores`, the same
     expression as brute force), so the set equals brute force even for a key whose score IS tau.
+    rows_mask [B * H_q] bool: only these query rows (None = all).
     """
     h_q = q.shape[1]
-    rows, ids = index.candidates(q, tau, backend=bounds_backend)
+    rows, ids = index.candidates(q, tau, backend=bounds_backend, rows_mask=rows_mask)
     batch_of = torch.div(rows, h_q, rounding_mode="floor")
     scores = pair_scores(q, keys, rows, ids)
     hit = (scores >= tau.float().reshape(-1).index_select(0, rows)) & ~forced[batch_of, ids]
@@ -180,6 +307,9 @@ def attended_pairs(
         hit &= key_mask[batch_of, ids]
     hit = hit.nonzero().squeeze(-1)
     f_rows, f_ids = forced_pairs(forced, h_q)
+    if rows_mask is not None:
+        kept = rows_mask.index_select(0, f_rows).nonzero().squeeze(-1)
+        f_rows, f_ids = f_rows.index_select(0, kept), f_ids.index_select(0, kept)
     return (torch.cat([rows.index_select(0, hit), f_rows]), torch.cat([ids.index_select(0, hit), f_ids]),
             torch.cat([scores.index_select(0, hit), pair_scores(q, keys, f_rows, f_ids)]))
 
@@ -191,25 +321,54 @@ def forced_pairs(forced: torch.Tensor, n_q_heads: int) -> tuple[torch.Tensor, to
     return (batch_idx[:, None] * n_q_heads + heads).reshape(-1), key_idx.repeat_interleave(n_q_heads)
 
 
+def threshold_dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, *,
+                    forced: torch.Tensor, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The exact mode's dense scan: softmax over {k : q . k >= tau} u forced with every score from one
+    grouped matmul (no K/V expansion): [B, H_q, D_v] float32. Same set as the index up to keys within float
+    rounding of tau. q [B, H_q, D], keys / values [B, H_kv, N, D(_v)], tau [B, H_q], forced [B, N] bool."""
+    b, h_q, d = q.shape
+    h_kv, n = keys.shape[1], keys.shape[2]
+    qg = q.float().reshape(b, h_kv, h_q // h_kv, d)
+    scores = torch.matmul(qg, keys.float().transpose(-1, -2)).reshape(b, h_q, n)
+    keep = (scores >= tau.float()[..., None]) | forced[:, None, :]
+    if key_mask is not None:
+        keep &= key_mask[:, None, :]
+    logits = (scores * scale).masked_fill(~keep, -math.inf)
+    p = softmax(logits).reshape(b, h_kv, h_q // h_kv, n)
+    return torch.matmul(p, values.float()).reshape(b, h_q, -1)
+
+
 def range_search_decode(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: RangeSearchIndex, tau: torch.Tensor, *,
     forced: torch.Tensor, key_mask: torch.Tensor | None, scale: float, backend: str = "torch",
+    dense_fallback: float = 1.0,
 ) -> torch.Tensor:
     """Softmax attention over R(q, tau) u forced through the index: [B, H_q, D_v] float32.
 
     q [B, H_q, D], keys / values [B, H_kv, N, D(_v)] (the cache the index holds), tau [B, H_q] raw q . k
-    units, forced [B, N] bool (`forced_keys`). backend "torch": ragged softmax over the pairs
-    (`cpu.ragged_softmax_attention`); "triton": node bounds by `triton_kernels.pair_bounds` and the
-    softmax by `triton_kernels.gathered_attention` over the already filtered pairs. The kernel's fused
-    tau filter is not used: its own summation order can drop a key whose score equals tau, and the
-    exact-budget tau is always some key's score.
+    units, forced [B, N] bool (`forced_keys`). A query row whose candidate fraction (from the tree's top
+    level) exceeds ``dense_fallback`` takes `threshold_dense` instead of the index; 1.0 never falls back.
+    backend "torch": ragged softmax over the pairs (`cpu.ragged_softmax_attention`); "triton": node bounds by
+    `triton_kernels.pair_bounds` and the softmax by `triton_kernels.gathered_attention` over the already
+    filtered pairs. The kernel's fused tau filter is not used: its own summation order can drop a key whose
+    score equals tau, and the exact-budget tau is always some key's score.
     """
     b, h_q, _ = q.shape
+    prunable = index.candidate_fraction(q, tau) <= dense_fallback
+    flags = prunable.tolist()  # the one host read that decides between the index and the dense scan
+    if not any(flags):
+        return threshold_dense(q, keys, values, tau, forced=forced, key_mask=key_mask, scale=scale)
+    rows_mask = None if all(flags) else prunable
+    bounds_backend = "torch" if backend == "torch" else "triton"
+    rows, ids, scores = attended_pairs(q, keys, index, tau, forced, key_mask, bounds_backend, rows_mask)
     if backend == "torch":
-        rows, ids, scores = attended_pairs(q, keys, index, tau, forced, key_mask)
-        return ragged_softmax_attention(rows, ids, scores, values, h_q, scale).view(b, h_q, -1)
-    rows, ids, _ = attended_pairs(q, keys, index, tau, forced, key_mask, bounds_backend="triton")
-    return gathered_attention(q, keys, values, pack_rows(rows, ids, b * h_q), scale=scale)
+        out = ragged_softmax_attention(rows, ids, scores, values, h_q, scale).view(b, h_q, -1)
+    else:
+        out = gathered_attention(q, keys, values, pack_rows(rows, ids, b * h_q), scale=scale)
+    if rows_mask is None:
+        return out
+    dense = threshold_dense(q, keys, values, tau, forced=forced, key_mask=key_mask, scale=scale)
+    return torch.where(prunable.view(b, h_q, 1), out, dense)
 
 
 # -- the graft ---------------------------------------------------------------------------------------
@@ -261,8 +420,15 @@ class RangeSearchGraft(Graft):
         c = self.config
         index_options = {"n_subspaces": c.n_subspaces, "leaf_size": c.leaf_size, "fanout": c.fanout,
                          "block_size": c.block_size}
-        reservoir = c.reservoir_size if c.threshold == "reservoir" and c.budget < 1.0 else None
-        return RangeSearchCache(self.base_model.config, self.layer_indices, index_options, reservoir, c.seed)
+        exact = c.mode == "exact"
+        reservoir = c.reservoir_size if exact and c.threshold == "reservoir" and c.budget < 1.0 else None
+        block_options = None if exact else {
+            "block_keys": c.block_keys, "flush_keys": c.block_size, "cluster_keys": c.cluster_keys,
+            "window": c.window, "n_sink": c.n_sink,
+            "outlier_norm": math.inf if c.outlier_norm is None else c.outlier_norm,
+            "bounds": c.mode == "certified"}
+        return RangeSearchCache(self.base_model.config, self.layer_indices, index_options, reservoir, c.seed,
+                                block_options)
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Supply `make_cache()` as the cache unless the caller passed a cache or disabled caching."""
@@ -304,18 +470,68 @@ class RangeSearchGraft(Graft):
         return self.config.backend
 
     def _decode(self, layer_idx: int, state: RangeSearchLayerState, q, keys, values, attention_mask, scale):
+        key_mask = decode_key_mask(attention_mask, q.shape[0], keys.shape[2])
+        decode = self._decode_exact if self.config.mode == "exact" else self._decode_blocks
+        out = decode(layer_idx, state, q, keys, values, key_mask, scale)
+        state.n_queries += 1
+        return out
+
+    def _decode_exact(self, layer_idx, state: RangeSearchLayerState, q, keys, values, key_mask, scale):
         b, n = q.shape[0], keys.shape[2]
-        key_mask = decode_key_mask(attention_mask, b, n)
         index = state.sync(keys)
         scores = exact_scores(q, keys) if self.config.threshold == "budget" or self.config.track_recall else None
         tau = self._threshold(q, scores, key_mask, state)
         forced = forced_keys(key_mask, b, n, self.config.n_sink, self.config.window, keys.device)
         out = range_search_decode(q, keys, values, index, tau, forced=forced, key_mask=key_mask, scale=scale,
-                                  backend=self._backend(q))
-        state.n_queries += 1
+                                  backend=self._backend(q),
+                                  dense_fallback=self.config.resolved_dense_fallback(q.shape[-1]))
         if self.config.track_recall:
             self._record(layer_idx, state, q, keys, index, tau, forced, key_mask, scores, scale)
         return out
+
+    def _decode_blocks(self, layer_idx, state: RangeSearchLayerState, q, keys, values, key_mask, scale):
+        """Block and certified modes (`graftlm.kernels.range_search.block_attention`)."""
+        c = self.config
+        schedule = state.block_schedule(c.recheck_every, c.recheck_max)
+        index, plan = state.index, None
+        if not schedule.plan_now():  # a dense streak: no planning, and the index catches up when it is next used
+            b, h_q, d = q.shape
+            qg = q.detach().float().reshape(b * keys.shape[1], h_q // keys.shape[1], d)
+            out = dense_rows(qg, keys, values, key_mask, scale).reshape(b, h_q, -1)
+        else:
+            index = state.sync_blocks(keys, values, key_mask)
+            decode = block_sparse_decode
+            if self._backend(q) == "triton":
+                from graftlm.kernels.range_search.triton_blocks import block_sparse_decode_triton as decode
+            dense_fallback = c.resolved_dense_fallback(q.shape[-1])
+            out, plan = decode(q, keys, values, index, scale=scale, mode=c.mode, mass_target=c.mass_target,
+                               tolerance=c.tolerance, dense_fallback=dense_fallback, key_mask=key_mask)
+            schedule.record(plan, index, dense_fallback)
+        if c.track_recall:
+            self._record_blocks(layer_idx, state, q, keys, index, plan, key_mask, scale)
+        return out
+
+    def _record_blocks(self, layer_idx, state, q, keys, index, plan, key_mask, scale) -> None:
+        b, h_q, n = q.shape[0], q.shape[1], keys.shape[2]
+        real = torch.ones(b, n, dtype=torch.bool, device=keys.device) if key_mask is None else key_mask
+        if plan is None:
+            attended = real[:, None, :].expand(b, h_q, n)
+        else:
+            attended = attended_keys(plan, index, key_mask).view(b, index.n_kv_heads, 1, n).expand(
+                b, index.n_kv_heads, h_q // index.n_kv_heads, n).reshape(b, h_q, n)
+        scores = exact_scores(q, keys)
+        state.last = {"q": q.detach(), "attended": attended, "key_mask": real, "n_keys": n, "plan": plan}
+        entry = {
+            "layer": layer_idx,
+            "n_keys": n,
+            "mass_recall": softmax_mass_recall(scores, attended, scale, key_mask).mean().item(),
+            "mass_recall_min": softmax_mass_recall(scores, attended, scale, key_mask).min().item(),
+            "kept_fraction": (attended.sum(-1) / real.sum(-1, keepdim=True)).float().mean().item(),
+            "dense_fraction": 1.0 if plan is None else sum(plan.dense) / len(plan.dense),
+        }
+        if plan is not None and plan.bound is not None:
+            entry["certified_bound"] = plan.bound.max().item()
+        self.recall_log.append(entry)
 
     def _threshold(self, q, scores, key_mask, state: RangeSearchLayerState) -> torch.Tensor:
         """tau [B, H_q] in raw q . k units."""

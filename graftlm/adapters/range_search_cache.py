@@ -3,10 +3,12 @@ grafted layers also hold a halfspace index over their keys (METHODS.md section 4
 
 Per grafted layer the cache holds a `RangeSearchLayerState`:
 
-    index      RangeSearchIndex over the layer's keys [B, H_kv, N, D] (product-ball tree per kv head)
+    index      exact mode: RangeSearchIndex over the layer's keys [B, H_kv, N, D] (product-ball tree per
+               kv head); block and certified modes: BlockIndex (keys in contiguous blocks with statistics)
     reservoir  KeyReservoir: a uniform sample of at most ``reservoir_size`` keys per (row, kv head),
-               for estimating tau (``threshold="reservoir"``); None in ``threshold="budget"`` mode
-    n_queries  decode steps answered through the index
+               for estimating tau (exact mode, ``threshold="reservoir"``); None otherwise
+    n_queries  decode steps answered by the graft (through the index or its dense fallback)
+    schedule   DenseSchedule (block and certified modes): whether the next step plans or decodes densely
     last       the last step's (q [B, H_q, D], tau [B, H_q], attended [B, H_q, N] bool), kept only when
                recall tracking is on (tests and the benchmark check retrieval against brute force)
 
@@ -26,21 +28,46 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
-from graftlm.kernels.range_search import KeyReservoir, RangeSearchIndex
+from graftlm.kernels.range_search import BlockIndex, DenseSchedule, KeyReservoir, RangeSearchIndex
 
 
 class RangeSearchLayerState:
-    """The index (and optional key reservoir) of one grafted layer, kept in step with its key cache."""
+    """The index (and optional key reservoir) of one grafted layer, kept in step with its key cache.
 
-    def __init__(self, index_options: dict[str, Any], reservoir_size: int | None, seed: int = 0) -> None:
+    ``block_options`` (the `BlockIndex` options) selects the block index of the block and certified modes;
+    without it the exact mode's tree index is kept with ``index_options``.
+    """
+
+    def __init__(self, index_options: dict[str, Any], reservoir_size: int | None, seed: int = 0,
+                 block_options: dict[str, Any] | None = None) -> None:
         self.index_options = dict(index_options)
+        self.block_options = None if block_options is None else dict(block_options)
         self.reservoir_size = reservoir_size
         self.seed = seed
-        self.index: RangeSearchIndex | None = None
+        self.index: RangeSearchIndex | BlockIndex | None = None
         self.reservoir: KeyReservoir | None = None
         self.n_queries = 0
         self.n_builds = 0
+        self.schedule: DenseSchedule | None = None
         self.last: dict[str, torch.Tensor] | None = None
+
+    def block_schedule(self, recheck_every: int, recheck_max: int) -> DenseSchedule:
+        """The layer's plan-or-dense schedule (made at the first decode step; dropped with the index)."""
+        if self.schedule is None:
+            self.schedule = DenseSchedule(recheck_every, recheck_max)
+        return self.schedule
+
+    def sync_blocks(self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None) -> BlockIndex:
+        """Bring the block index up to the cache (keys / values [B, H_kv, N, D(_v)], key_mask [B, N] or None):
+        build it at the first step (or after the cache was rewritten), then flush keys leaving the window."""
+        b, h, n, d = keys.shape
+        stale = self.index is not None and (self.index.n_keys > n or self.index.batch != b)
+        if self.index is None or stale:
+            self.index = BlockIndex(b, h, d, values.shape[-1], dtype=keys.dtype, device=keys.device,
+                                    **self.block_options)
+            self.n_builds += 1
+        self.index.sync(keys, values, key_mask)
+        return self.index
 
     def sync(self, keys: torch.Tensor) -> RangeSearchIndex:
         """Bring the index up to the cache's keys [B, H_kv, N, D]: build, append the new ones, or rebuild
@@ -82,14 +109,14 @@ class RangeSearchCache(DynamicCache):
         index_options: dict[str, Any] | None = None,
         reservoir_size: int | None = None,
         seed: int = 0,
+        block_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(config=config)
-        self._state_args = (dict(index_options or {}), reservoir_size, seed)
+        self._state_args = (dict(index_options or {}), reservoir_size, seed, block_options)
         self.range_search: dict[int, RangeSearchLayerState] = {i: self._new_state() for i in grafted_layers}
 
     def _new_state(self) -> RangeSearchLayerState:
-        index_options, reservoir_size, seed = self._state_args
-        return RangeSearchLayerState(index_options, reservoir_size, seed)
+        return RangeSearchLayerState(*self._state_args)
 
     def _drop_indexes(self) -> None:
         for layer_idx in self.range_search:

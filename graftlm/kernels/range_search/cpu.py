@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .block_attention import EXP_FLOOR
 from .index import RangeSearchIndex, gather_rows, pair_scores
 from .reference import forced_positions
 
@@ -72,7 +73,7 @@ def ragged_softmax_attention(
     logits = scores * scale
     row_max = torch.full((n_rows,), -math.inf, device=values.device)
     row_max.scatter_reduce_(0, rows, logits, reduce="amax")
-    weights = torch.exp(logits - row_max[rows])
+    weights = torch.exp((logits - row_max[rows]).clamp(min=EXP_FLOOR))  # floor: see block_attention.EXP_FLOOR
     denom = torch.zeros(n_rows, device=values.device).index_add_(0, rows, weights)
     v = gather_rows(values, n_q_heads, rows, key_ids).float()
     out = torch.zeros(n_rows, d_v, device=values.device).index_add_(0, rows, weights[:, None] * v)

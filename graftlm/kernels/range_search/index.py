@@ -50,7 +50,6 @@ import torch
 
 _U = 2.0**-24
 _ABS_MARGIN = 1e-35
-_SEGMENT_MIN_PAIRS = 4096
 
 
 def safety_eps(head_dim: int) -> float:
@@ -289,14 +288,36 @@ class RangeSearchIndex:
         ub = torch.matmul(qg, c.transpose(-1, -2)) + torch.matmul(qn.view(b, h, group, -1), r.transpose(-1, -2))
         return _finite_or_inf(ub.reshape(b * h * group, -1) + _ABS_MARGIN)
 
+    def _top_level(self) -> int:
+        """The level traversal starts from: the lowest level with at most start_nodes nodes."""
+        return next(lv for lv in range(len(self.centres)) if self.centres[lv].shape[1] <= self.start_nodes)
+
+    def candidate_fraction(self, q: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Upper bound on the fraction of keys `candidates` can return per query row, from the top level of
+        the tree alone (keys below surviving top nodes, plus the waiting keys): [B * H_q] float32.
+
+        One matmul over <= start_nodes nodes per head; the caller uses it to send rows the index cannot
+        prune to a dense scan before paying for the traversal.
+        """
+        b, h_q, d = q.shape
+        if not self.n_indexed:
+            return torch.ones(b * h_q, device=self.device)
+        qf = q.detach().float().reshape(b * h_q, d).to(self.device)
+        qn = subspace_norms(qf, self.bounds) * (1.0 + self.eps)
+        top = self._top_level()
+        keep = self._dense_bounds(top, qf, qn) >= tau.detach().float().reshape(-1, 1).to(self.device)
+        below = (keep.float() * self.counts[top].float()).sum(-1)
+        return (below + self.pending.shape[2]) / self.n_keys
+
     def candidates(
-        self, q: torch.Tensor, tau: torch.Tensor, backend: str = "torch"
+        self, q: torch.Tensor, tau: torch.Tensor, backend: str = "torch", rows_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A superset of R(q, tau) for each query row, as flat pairs.
 
         q [B, H_q, D], tau [B, H_q] -> (rows [P], key_ids [P]) with row = b * H_q + h; every key
         with q . k >= tau is among the pairs (keys in pruned subtrees provably fall below tau).
-        backend "triton" scores the node bounds with `triton_kernels.pair_bounds`.
+        backend "triton" scores the node bounds with `triton_kernels.pair_bounds`. rows_mask [B * H_q]
+        bool: only these rows are searched (the others get no pairs).
         """
         b, h_q, d = q.shape
         if b != self.batch or d != self.head_dim or h_q % self.n_kv_heads:
@@ -307,8 +328,10 @@ class RangeSearchIndex:
         qn = subspace_norms(qf, self.bounds) * (1.0 + self.eps)
         rows_out, keys_out = [], []
         if self.n_indexed:
-            top = next(lv for lv in range(len(self.centres)) if self.centres[lv].shape[1] <= self.start_nodes)
+            top = self._top_level()
             keep = self._dense_bounds(top, qf, qn) >= tau_f[:, None]
+            if rows_mask is not None:
+                keep &= rows_mask[:, None]
             rows, nodes = keep.nonzero(as_tuple=True)
             for level in range(top - 1, -1, -1):
                 m = self.centres[level].shape[1]
@@ -332,8 +355,11 @@ class RangeSearchIndex:
             keys_out.append(key_ids.index_select(0, real))
         n_pending = self.pending.shape[2]
         if n_pending:
-            rows_out.append(torch.arange(b * h_q, device=self.device).repeat_interleave(n_pending))
-            keys_out.append(torch.arange(self.n_indexed, self.n_keys, device=self.device).repeat(b * h_q))
+            searched = torch.arange(b * h_q, device=self.device)
+            if rows_mask is not None:
+                searched = searched[rows_mask]
+            rows_out.append(searched.repeat_interleave(n_pending))
+            keys_out.append(torch.arange(self.n_indexed, self.n_keys, device=self.device).repeat(searched.numel()))
         if not rows_out:
             empty = torch.zeros(0, dtype=torch.long, device=self.device)
             return empty, empty
@@ -385,21 +411,11 @@ def gather_rows(x: torch.Tensor, n_q_heads: int, rows: torch.Tensor, key_ids: to
 
 
 def pair_scores(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, key_ids: torch.Tensor) -> torch.Tensor:
-    """Exact q . k for flat (row, key) pairs: [P] float32, bit-identical to `reference.exact_scores`.
+    """Exact q . k for flat (row, key) pairs: [P] float32, bit-identical to `reference.exact_scores`
+    (the same elementwise product summed over the contiguous last dimension).
 
     q [B, H_q, D], keys [B, H_kv, N, D], rows index b * H_q + h, key_ids index N.
     """
     b, h_q, d = q.shape
     qf = q.detach().float().reshape(b * h_q, d)
-    if rows.numel() < _SEGMENT_MIN_PAIRS:
-        return (qf.index_select(0, rows) * gather_rows(keys, h_q, rows, key_ids).float()).sum(-1)
-    # many pairs: one row at a time, so the query is broadcast instead of copied per pair
-    # (the products and the summation order are the same, so the scores are too)
-    out = torch.empty(rows.numel(), device=rows.device)
-    run_rows, run_len = torch.unique_consecutive(rows, return_counts=True)
-    start = 0
-    for r, n in zip(run_rows.tolist(), run_len.tolist()):
-        sel = slice(start, start + n)
-        out[sel] = (gather_rows(keys, h_q, rows[sel], key_ids[sel]).float() * qf[r]).sum(-1)
-        start += n
-    return out
+    return (qf.index_select(0, rows) * gather_rows(keys, h_q, rows, key_ids).float()).sum(-1)

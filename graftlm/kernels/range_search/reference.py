@@ -181,3 +181,31 @@ def threshold_recall(scores: torch.Tensor, tau: torch.Tensor, retrieved: torch.T
     n_above = above.sum(-1)
     hit = (above & retrieved).sum(-1)
     return torch.where(n_above > 0, hit.float() / n_above.clamp(min=1).float(), torch.ones_like(hit, dtype=torch.float32))
+
+
+def block_partials_ref(qg: torch.Tensor, block_keys: torch.Tensor, block_values: torch.Tensor,
+                       valid: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, scale: float):
+    """Brute-force partial softmax over listed blocks, the reference of `triton_blocks.block_partials`.
+
+    qg [G, group, D]; block_keys / block_values [G, M, bs, D(_v)]; valid [G, M, bs] bool; ids [G, L] block
+    ids of which the first counts[g] are read. Returns (m, l [G, group], o [G, group, D_v]): the max logit,
+    sum exp(logit - m) and sum exp(logit - m) v over the valid keys of those blocks (m = -inf, l = 0, o = 0
+    for a row that reads nothing).
+    """
+    g, group, _ = qg.shape
+    d_v = block_values.shape[-1]
+    m = torch.full((g, group), -math.inf)
+    l_ = torch.zeros(g, group)
+    o = torch.zeros(g, group, d_v)
+    for r in range(g):
+        chosen = ids[r, : int(counts[r])]
+        keep = valid[r, chosen].reshape(-1)
+        k = block_keys[r, chosen].reshape(-1, block_keys.shape[-1])[keep].float()
+        v = block_values[r, chosen].reshape(-1, d_v)[keep].float()
+        if k.shape[0] == 0:
+            continue
+        logits = scale * qg[r].float() @ k.T
+        m[r] = logits.amax(-1)
+        p = torch.exp(logits - m[r][:, None])
+        l_[r], o[r] = p.sum(-1), p @ v
+    return m, l_, o
