@@ -172,7 +172,8 @@ def test_the_real_grafts_stacked_under_their_own_names_round_trip(family, tmp_pa
     ]
     model = stack(family, specs)
     with torch.no_grad():
-        model.grafts["sst"].gate.fill_(0.5)
+        sst = model.grafts["sst"]
+        sst.set_blend(sst.config.blend_init, gate=0.5)
     expected = logits(model)
     assert torch.isfinite(expected).all()
     model.save_pretrained(tmp_path)
