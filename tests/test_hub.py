@@ -37,7 +37,8 @@ def sst_model(name_or_path="tiny-llama"):
     base.config._name_or_path = name_or_path
     model = attach_adapter(base, SSTConfig(target_layers=[0, 1]))
     with torch.no_grad():
-        model.grafts["default"].gate.fill_(0.5)
+        sst = model.grafts["default"]
+        sst.set_blend(sst.config.blend_init, gate=0.5)
     return model
 
 
