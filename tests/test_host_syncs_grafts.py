@@ -147,20 +147,10 @@ def test_training_step_syncs(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_range_search_decode_syncs_stay_at_most_what_they_were(family):
-    """Range search's decode syncs belong to issue 19; this only keeps them from growing."""
+@pytest.mark.parametrize("mode", ["block", "certified", "exact"])
+def test_range_search_decode_at_most_one_sync_per_layer(family, mode):
     model = graftlm.attach_adapter(build_tiny_model(family),
-                                   graftlm.RangeSearchConfig(min_keys=4, window=4, n_sink=1))
-    layers = len(model.grafts["default"].layer_indices)
-    counts, _ = decode_syncs(model)
-    assert sum(counts.values()) <= 7 * layers * STEPS, counts
-
-
-@pytest.mark.xfail(reason="issue 19: range search's nonzero / bool-mask indexing per tree level", strict=False)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_range_search_decode_at_most_one_sync_per_layer(family):
-    model = graftlm.attach_adapter(build_tiny_model(family),
-                                   graftlm.RangeSearchConfig(min_keys=4, window=4, n_sink=1))
+                                   graftlm.RangeSearchConfig(mode=mode, min_keys=4, window=4, n_sink=1))
     layers = len(model.grafts["default"].layer_indices)
     counts, _ = decode_syncs(model)
     assert sum(counts.values()) <= layers * STEPS, counts
