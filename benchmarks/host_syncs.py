@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from graft_fixtures import build_tiny_model, generation_cache, open_grafts
+from graft_fixtures import build_tiny_model, open_grafts
 
 import graftlm
 from graftlm.host_syncs import HostSyncCounter
-from graftlm.patches.cache_kwarg import with_cache
+from graftlm.testing import count_decode_syncs
 
 GRAFTS = {
     "SST": lambda: graftlm.SSTConfig(),
@@ -46,17 +46,8 @@ STEPS = 4
 
 def decode_counts(model, with_mask: bool) -> dict[str, float]:
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
-    cache = generation_cache(model)
-    mask = torch.ones_like(ids)
-    extra = lambda: {"attention_mask": mask} if with_mask else {}
-    with torch.no_grad():
-        token = model(input_ids=ids, **with_cache({}, cache), use_cache=True, **extra()).logits[:, -1:].argmax(-1)
-        with HostSyncCounter() as syncs:
-            for _ in range(STEPS):
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                token = model(input_ids=token, **with_cache({}, cache), use_cache=True,
-                              **extra()).logits[:, -1:].argmax(-1)
-    return {k: v / STEPS for k, v in sorted(syncs.counts.items())}
+    counts, _ = count_decode_syncs(model, ids, STEPS, with_mask)
+    return {k: v / STEPS for k, v in sorted(counts.items())}
 
 
 def training_counts(model, padded: bool) -> dict[str, float]:

@@ -36,3 +36,23 @@ def generation_cache(model: nn.Module):
         kwargs = graft.prepare_generate_kwargs(kwargs)
     cache = cache_from_kwargs(kwargs)
     return DynamicCache(config=model.config) if cache is None else cache
+
+
+def count_decode_syncs(model: nn.Module, ids: torch.Tensor, steps: int, with_mask: bool = False):
+    """Host syncs over ``steps`` greedy one-token forwards on the graft's generation cache after a prefill
+    of ``ids`` [B, T] (`graftlm.host_syncs.HostSyncCounter`; ``with_mask``: pass a growing all-ones
+    attention mask). Returns (counts by kind over all steps, the cache)."""
+    from graftlm.host_syncs import HostSyncCounter
+    from graftlm.patches.cache_kwarg import with_cache
+
+    cache = generation_cache(model)
+    mask = torch.ones_like(ids)
+    extra = lambda: {"attention_mask": mask} if with_mask else {}
+    with torch.no_grad():
+        token = model(input_ids=ids, **with_cache({}, cache), use_cache=True, **extra()).logits[:, -1:].argmax(-1)
+        with HostSyncCounter() as syncs:
+            for _ in range(steps):
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                out = model(input_ids=token, **with_cache({}, cache), use_cache=True, **extra())
+                token = out.logits[:, -1:].argmax(-1)
+    return dict(syncs.counts), cache

@@ -12,12 +12,12 @@ base's syncs, measured alongside.
 
 import pytest
 import torch
-from graft_fixtures import build_tiny_model, generation_cache, open_grafts
+from graft_fixtures import build_tiny_model, open_grafts
 
 import graftlm
 from graftlm.adapters.attractor import AttractorGraft
 from graftlm.host_syncs import HostSyncCounter
-from graftlm.patches.cache_kwarg import with_cache
+from graftlm.testing import count_decode_syncs
 
 FAMILIES = ["llama", "gemma3"]
 CONFIGS = {
@@ -45,17 +45,7 @@ def grafted(family: str, name: str):
 def decode_syncs(model, with_mask: bool = False):
     """Syncs counted over STEPS one-token forwards after a 24-token prefill; returns (counts, cache)."""
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-    cache = generation_cache(model)
-    mask = torch.ones_like(ids)
-    extra = lambda: {"attention_mask": mask} if with_mask else {}
-    with torch.no_grad():
-        token = model(input_ids=ids, **with_cache({}, cache), use_cache=True, **extra()).logits[:, -1:].argmax(-1)
-        with HostSyncCounter() as syncs:
-            for _ in range(STEPS):
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                out = model(input_ids=token, **with_cache({}, cache), use_cache=True, **extra())
-                token = out.logits[:, -1:].argmax(-1)
-    return dict(syncs.counts), cache
+    return count_decode_syncs(model, ids, STEPS, with_mask)
 
 
 def training_syncs(model):
