@@ -74,10 +74,12 @@ def subspace_norms(x: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tens
     return torch.stack([torch.linalg.vector_norm(x[..., a:b], dim=-1) for a, b in bounds], dim=-1)
 
 
-def _segment_ids(n: int, n_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced split of positions 0..n-1 into segments [b_j, b_{j+1}), b_j = j * n // n_segments."""
-    edges = (torch.arange(n_segments + 1) * n) // n_segments
-    return torch.searchsorted(edges[1:], torch.arange(n), right=True), edges
+def _segment_ids(n: int, n_segments: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced split of positions 0..n-1 into segments [b_j, b_{j+1}), b_j = j * n // n_segments.
+
+    -> (segment of each position [n], edges [n_segments + 1]), both on ``device``."""
+    edges = (torch.arange(n_segments + 1, device=device) * n) // n_segments
+    return torch.searchsorted(edges[1:], torch.arange(n, device=device), right=True), edges
 
 
 def pca_tree_order(x: torch.Tensor, leaf_size: int, power_iters: int = 4) -> tuple[torch.Tensor, int]:
@@ -94,8 +96,7 @@ def pca_tree_order(x: torch.Tensor, leaf_size: int, power_iters: int = 4) -> tup
     init = torch.linspace(1.0, 2.0, d, device=x.device)
     for level in range(int(math.log2(n_leaves))):
         n_seg = 1 << level
-        seg, _ = _segment_ids(n, n_seg)
-        seg = seg.to(x.device)
+        seg, _ = _segment_ids(n, n_seg, x.device)
         xo = x.gather(1, order.unsqueeze(-1).expand(g, n, d))
         count = torch.bincount(seg, minlength=n_seg).clamp(min=1).to(x.dtype)
         mean = x.new_zeros(g, n_seg, d).index_add_(1, seg, xo) / count[:, None]
@@ -191,7 +192,7 @@ class RangeSearchIndex:
             return
         x = keys.detach().float().reshape(g, n, d)
         order, n_leaves = pca_tree_order(x, self.leaf_size)
-        slot_of_pos = self._leaf_slot_positions(n, n_leaves).to(x.device)
+        slot_of_pos = self._leaf_slot_positions(n, n_leaves, x.device)
         slots = torch.full((g, n_leaves * self.leaf_size), -1, dtype=torch.long, device=x.device)
         slots[:, slot_of_pos] = order
         centres, radii, counts = self._leaf_stats(x, slots, n_leaves)
@@ -203,10 +204,10 @@ class RangeSearchIndex:
         self.n_indexed += n
         self._refresh_upper_levels(first_leaf)
 
-    def _leaf_slot_positions(self, n: int, n_leaves: int) -> torch.Tensor:
-        """Slot of each tree position: leaf j holds positions [b_j, b_{j+1}) from slot j * leaf_size."""
-        seg, edges = _segment_ids(n, n_leaves)
-        return seg * self.leaf_size + (torch.arange(n) - edges[seg])
+    def _leaf_slot_positions(self, n: int, n_leaves: int, device: torch.device) -> torch.Tensor:
+        """Slot of each tree position [n]: leaf j holds positions [b_j, b_{j+1}) from slot j * leaf_size."""
+        seg, edges = _segment_ids(n, n_leaves, device)
+        return seg * self.leaf_size + (torch.arange(n, device=device) - edges[seg])
 
     def _leaf_stats(self, x: torch.Tensor, slots: torch.Tensor, n_leaves: int):
         """Centre (mean), inflated subspace radii and count of each leaf."""
