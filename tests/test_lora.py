@@ -51,3 +51,14 @@ def test_lora_stacks_with_another_graft_and_trains(tiny_model):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     lora_b = [p for n, p in tiny_model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None for p in lora_b)
+
+
+def test_lora_parameter_names_are_the_same_in_every_attach():
+    """Sharded / distributed checkpoints key by parameter name: the peft adapter's name must not depend on
+    the process or the object (it once held ``id(graft)``)."""
+    names = []
+    for _ in range(2):
+        model = attach_adapter(build_tiny_model("llama"), LoRAConfig(r=2))
+        names.append(sorted(name for name, p in model.base_model.named_parameters() if p.requires_grad))
+    assert names[0] == names[1] and names[0]
+    assert all(".graftlm_lora." in name for name in names[0])

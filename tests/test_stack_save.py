@@ -130,6 +130,16 @@ def test_a_stack_saved_before_the_record_loads_root_first_then_by_name(tmp_path)
     assert list(attach_adapter(build_tiny_model("llama"), tmp_path).grafts) == ["default", "a", "b"]
 
 
+def test_a_save_before_the_record_does_not_take_a_checkpoint_folder_for_a_stacked_adapter(tmp_path):
+    model = perturb(attach_adapter(build_tiny_model("llama"), FFNBiasConfig()))
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    (tmp_path / STACK_NAME).unlink()  # the old layout, with a Trainer's checkpoint (a save of its own) in it
+    model.save_pretrained(tmp_path / "checkpoint-2")
+    reloaded = attach_adapter(build_tiny_model("llama"), tmp_path)
+    assert list(reloaded.grafts) == ["default"] and torch.equal(logits(reloaded), expected)
+
+
 def test_a_record_that_disagrees_with_the_folders_is_refused(tmp_path):
     model = stack("llama", ORDERS["no default, attach order not alphabetical"])
     model.save_pretrained(tmp_path)

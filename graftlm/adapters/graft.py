@@ -77,8 +77,9 @@ class Graft(nn.Module):
         toggled with ``active``, removed with the graft)."""
         from graftlm.adapters.lora import PeftLoRA
 
-        self.lora = PeftLoRA(self.base_model, f"{self.config.graft_type}_{id(self):x}", r, alpha, dropout,
-                             target_modules, layers)
+        # One graft of a kind per model and one GraftModel per base, so the kind names the peft adapter
+        # uniquely and the same in every process and run (sharded checkpoints key by parameter name).
+        self.lora = PeftLoRA(self.base_model, self.config.graft_type, r, alpha, dropout, target_modules, layers)
         self.on_remove(self.lora.remove)
 
     def add_hook(self, handle: RemovableHandle) -> RemovableHandle:

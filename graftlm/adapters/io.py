@@ -448,8 +448,12 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 
 def adapter_subdirectories(directory: Path) -> list[Path]:
-    """Sub-folders holding further adapters (non-default names of a stacked save)."""
-    return sorted(p for p in directory.iterdir() if p.is_dir() and (p / CONFIG_NAME).exists())
+    """Sub-folders holding further adapters of a save made before the stack record (its non-default names).
+
+    A sub-folder with its own ``graftlm_stack.json`` is a whole save of its own (a Trainer's
+    ``checkpoint-N/``), never part of this one: sub-adapters of a stack never carry a record."""
+    return sorted(p for p in directory.iterdir()
+                  if p.is_dir() and (p / CONFIG_NAME).exists() and not (p / STACK_NAME).exists())
 
 
 def saved_adapters(directory: Path) -> list[tuple[str, Path]]:
