@@ -143,6 +143,7 @@ def run_system(spec: CompareSpec, system: SystemSpec, seed: int | None, eval_set
     elif system.trained:
         grafts = resolved_grafts(spec, system, base)
         recipe = spec.recipe(system, seed, out / "run", grafts)
+        recipe.train.progress_bar = recipe.train.progress_bar and progress  # --no-progress: no training bar
         run = train(recipe, model=base, tokenizer=tokenizer, train_examples=train_texts, eval_examples=held_texts)
         model = run.model
         summary = run.summary

@@ -154,3 +154,11 @@ def test_budget_of_sizes_the_lora_of_a_stack_and_counts_its_other_grafts(tiny_di
     raw["systems"][1]["graft"].append({"type": "lora", "r": 2})
     with pytest.raises(RecipeError, match="needs exactly one LoRA graft to size to the budget, it has 2"):
         build_compare_spec(raw)
+
+
+def test_no_progress_hides_the_training_bar_too(tiny_dir, tmp_path, capsys):
+    raw = spec_raw(tiny_dir, tmp_path / "out")
+    raw["train"]["progress_bar"] = True
+    raw["systems"], raw["reference"], raw["pairs"] = raw["systems"][1:2], "LoRA r=2", []
+    run_compare(build_compare_spec(raw), progress=False)
+    assert "train:" not in capsys.readouterr().err
