@@ -260,7 +260,8 @@ def test_a_saved_sub_folder_with_an_unsafe_name_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "a")
     model.save_pretrained(tmp_path / "b")
     (tmp_path / "b").rename(tmp_path / "a" / "x.y")
-    (tmp_path / "a" / STACK_NAME).unlink()  # the layout before stack records: every sub-folder is loaded
+    for record in (tmp_path / "a" / STACK_NAME, tmp_path / "a" / "x.y" / STACK_NAME):
+        record.unlink()  # the layout before stack records: every sub-folder holding an adapter is loaded
     base, pattern, hooks, before = untouched_base("llama")
     with pytest.raises(ValueError, match=r"sub-adapter folder .*a/x.y: 'x.y' is not a valid adapter name"):
         attach_adapter(base, tmp_path / "a")
