@@ -124,6 +124,22 @@ def test_prefill_and_decode_by_hand_equal_the_full_forward_inside_the_stack(fami
     assert_states_written(model, cache, ids.shape[1], ids.shape[1] - 7)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sst_two_pass_prefill_nested_in_a_stack_leaves_the_other_grafts_runs_alone(family):
+    """SST's default two-pass prefill runs the whole model once more inside its hook; the Attractor (hooked
+    on the same top-level forward, attached first) and Echo keep their own forward's run and state."""
+    model = build_tiny_model(family)
+    for name, config in [("attractor", configs(family)["attractor"]), ("echo", configs(family)["echo"]),
+                         ("sst", SSTConfig(blend_max=0.9, blend_init=0.5))]:
+        model = attach_adapter(model, config, adapter_name=name)
+    open_grafts(model)
+    with torch.no_grad():
+        out = model.generate(PROMPT, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    torch.testing.assert_close(out.logits[0], logits(model, PROMPT)[:, -1], atol=2e-4, rtol=1e-4)
+    assert_states_written(model, out.past_key_values, out.sequences.shape[1] - 1, 3)
+
+
 # -- beam search ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("names", [["sst"], ["attractor"], ["echo"], ["range_search"],
@@ -191,10 +207,11 @@ def test_crop_is_refused_by_name_where_a_state_cannot_go_back():
     cache.crop(0)  # transformers' trim: no token removed, allowed
 
 
-def test_assisted_generation_equals_greedy_where_every_state_crops_and_is_refused_for_echo():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_assisted_generation_equals_greedy_where_every_state_crops_and_is_refused_for_echo(family):
     """Prompt lookup drafts tokens that the model then verifies; rejected drafts are cropped off the cache
     (every graft's state with it), so the tokens and their logits are greedy decoding's."""
-    model = stack("llama", ["sst", "attractor", "range_search"])
+    model = stack(family, ["sst", "attractor", "range_search"])
     prompt = torch.cat([PROMPT, PROMPT], dim=1)  # repeats, so prompt lookup drafts tokens
     kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0,
               "output_logits": True, "return_dict_in_generate": True}
@@ -212,7 +229,7 @@ def test_assisted_generation_equals_greedy_where_every_state_crops_and_is_refuse
     assert any(crops), "no draft was rejected: the test would not crop"
     assert torch.equal(assisted.sequences, greedy.sequences)
     torch.testing.assert_close(torch.stack(assisted.logits, 1), torch.stack(greedy.logits, 1), atol=2e-4, rtol=1e-4)
-    echo = stack("llama", ["echo"])
+    echo = stack(family, ["echo"])
     with pytest.raises(UnsupportedGenerationError, match=r"assisted generation \(prompt_lookup_num_tokens\) is "
                                                          r"not supported with the graft 'echo' \(echo\)"):
         echo.generate(prompt, prompt_lookup_num_tokens=3, max_new_tokens=2, pad_token_id=0)
@@ -225,6 +242,22 @@ def test_a_cache_built_before_a_graft_was_attached_is_refused_by_that_graft():
     model = attach_adapter(model, configs("llama")["sst"], adapter_name="sst")
     with pytest.raises(RuntimeError, match="the SST graft continues a sequence only from a cache holding its state"):
         logits(model, PROMPT, **with_cache({}, early), use_cache=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cache_the_model_made_itself_carries_the_sst_and_attractor_states(family):
+    """``model(ids, use_cache=True)`` without a cache: transformers makes a plain one, and SST and the Attractor
+    keep their states on it, so continuing from ``out.past_key_values`` is exact (greedy use)."""
+    model = stack(family, ["sst", "attractor"])
+    ids = torch.cat([PROMPT, PROMPT[:, :3] + 1], dim=1)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :-3], use_cache=True)
+        steps = [out.logits]
+        for t in range(ids.shape[1] - 3, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], **with_cache({}, out.past_key_values), use_cache=True)
+            steps.append(out.logits)
+    assert not isinstance(out.past_key_values, GraftCache)
+    torch.testing.assert_close(torch.cat(steps, 1), logits(model, ids), atol=2e-4, rtol=1e-4)
 
 
 def test_beam_search_with_a_plain_cache_is_refused():

@@ -453,7 +453,9 @@ class AttractorGraft(Graft):
         self._run = run.previous  # a forward nested in another graft's hook (SST's first pass) leaves it as it was
         if run.chunk is None:
             return
-        state = run.cache_state or state_of(cache_from_output(output), STATE_KEY, make=AttractorCacheState)
+        state = run.cache_state
+        if state is None:  # the model made a cache of its own: the state rides on it (`state_of`)
+            state = state_of(cache_from_output(output), STATE_KEY, make=AttractorCacheState)
         if state is not None:
             state.append(*run.chunk)
 

@@ -58,7 +58,7 @@ from graftlm.adapters.graft_cache import GraftState, missing_state_error, state_
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
 from graftlm.dtype_policy import to_base, to_graft
-from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
+from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_from_output, with_cache
 
 STATE_KEY = "sst"  # the graft's key in GraftCache.graft_states (its graft type)
 
@@ -126,6 +126,7 @@ class _Run:
         self.coefficients = coefficients  # c [L_g, d] computed once (no-grad forwards), else None
         self.token_mask = token_mask  # [B, T] float, 1 at real tokens
         self.cache_state = cache_state  # the generation cache's SST state, updated after the forward
+        self.stored = False  # the states went to the cache (once: a checkpointing recompute stores nothing)
         self.initial = initial or {}  # layer -> [B, d] state before the first position
         self.states = states or {}  # layer -> [B, T, d] shifted states ("provided")
         self.recorded: dict[int, torch.Tensor] = {}  # layer -> [B, T, d] ("record") or [B, d] (last position)
@@ -355,10 +356,14 @@ class SSTGraft(Graft):
         """Store the last position's states in the cache's `SSTCacheState`. The run stays current until the next
         forward: gradient checkpointing re-runs the layer hooks during backward and must see the same states."""
         run = self._run
-        if self._internal or run is None or run.cache_state is None:
+        if self._internal or run is None or run.stored:
             return
-        run.cache_state.update(run.recorded, run.chunk_states)
-        run.cache_state = None
+        state = run.cache_state
+        if state is None:  # the model made a cache of its own (use_cache): the states ride on it (`state_of`)
+            state = state_of(cache_from_output(output), STATE_KEY, make=SSTCacheState)
+        if state is not None:
+            state.update(run.recorded, run.chunk_states)
+        run.stored = True
         return
 
     # -- per-layer hooks -----------------------------------------------------------------------------
@@ -426,7 +431,7 @@ class SSTGraft(Graft):
                 return
             # only the last position's state is carried on; a recording cache keeps every position's
             run.recorded[layer_index] = state[:, -1] * run.token_mask[:, -1:].to(state.dtype)
-            if run.cache_state is not None and run.cache_state.recording:
+            if not run.stored and run.cache_state is not None and run.cache_state.recording:
                 if run.chunk_states is None:
                     run.chunk_states = {}
                 run.chunk_states[layer_index] = state * run.token_mask.to(state.dtype)[..., None]
