@@ -166,14 +166,15 @@ def test_reorder_gathers_every_graft_state_row():
     logits(model, batch, **with_cache({}, cache), use_cache=True)
     logits(model, batch[:, :1], **with_cache({}, cache), use_cache=True)  # builds the range-search index
     sst, attractor, echo = (cache.state(k) for k in ("sst", "attractor", "echo"))
-    before = (dict(sst.states), [kv for kv in attractor.kv], {i: layer.state.gram for i, layer in echo.layers.items()})
+    before = (dict(sst.states), [kv for kv in attractor.kv], {i: layer.state.gram for i, layer in echo.layers.items()},
+              list(attractor.iterations))
     cache.reorder_cache(torch.tensor([1, 1]))
     assert all(torch.equal(sst.states[i], before[0][i][[1, 1]]) for i in sst.states)
     assert all(torch.equal(k, k0[[1, 1]]) and torch.equal(v, v0[[1, 1]])
                for (k, v), (k0, v0) in zip(attractor.kv, before[1]))
     assert all(torch.equal(layer.state.gram, before[2][i][[1, 1]]) for i, layer in echo.layers.items())
     assert all(layer.index is None for layer in cache.state("range_search").layers.values())  # rebuilt next step
-    assert torch.equal(attractor.iterations[0], torch.stack([attractor.iterations[0][1]] * 2))
+    assert all(torch.equal(it, it0[[1, 1]]) for it, it0 in zip(attractor.iterations, before[3]))
 
 
 # -- crop ----------------------------------------------------------------------------------------------
@@ -281,6 +282,18 @@ def test_range_search_on_a_layer_echo_replaces_is_refused_at_attach(order):
     assert list(model.grafts) == [first[0]]
     attach_adapter(model, RangeSearchConfig(target_layers=[0]) if order == "echo first" else
                    EchoConfig(mode="replace", window=3, chunk_size=4, target_layers=[0]), adapter_name=second[0])
+
+
+def test_two_grafts_replacing_one_layers_cache_are_refused_at_attach():
+    from graft_fixtures import FFNBiasConfig, FFNBiasGraft
+
+    model = attach_adapter(build_tiny_model("llama"), EchoConfig(mode="replace", window=3, chunk_size=4,
+                                                                 target_layers=[1]), adapter_name="echo")
+    message = r"cannot attach 'bias' \(test_ffn_bias\) beside 'echo' \(echo\): on layers \[1\] both replace the"
+    with (mock.patch.object(FFNBiasGraft, "cache_layers_replaced", lambda self: {0, 1}),
+          pytest.raises(ValueError, match=message)):
+        attach_adapter(model, FFNBiasConfig(), adapter_name="bias")
+    assert list(model.grafts) == ["echo"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

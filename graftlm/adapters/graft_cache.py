@@ -162,10 +162,6 @@ class GraftCache(DynamicCache):
         return sum(t.numel() * t.element_size() for layer in layers
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
-    def state_bytes(self) -> dict[str, int]:
-        """Graft type -> bytes of its state."""
-        return {key: state.nbytes() for key, state in self.graft_states.items()}
-
 
 def state_of(cache: Any, key: str, make: Callable[[], GraftState] | None = None) -> GraftState | None:
     """The state of graft type ``key`` on ``cache`` (None: no cache, or none there).

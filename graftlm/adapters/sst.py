@@ -28,7 +28,9 @@ Forward modes (the recurrence runs through the pretrained FFN, so it can't be a 
 
 * ``two_pass`` (training default and default prefill): pass 1 is the model without the blend, no grad,
   recording every grafted layer's state; shifted one position these approximate the states; pass 2
-  runs with the blend and with grad. The approximation error is O(a^2).
+  runs with the blend and with grad. The approximation error is O(a^2). In a stack, pass 1 runs the other
+  grafts too (continuing a cache: on a deep copy of it, every graft's state included), so the states it
+  records are the stacked model's.
 * ``exact``: each grafted layer runs its FFN token by token, carrying the state (the recurrence above,
   exactly). Used for decode (one token), on request for prefill, and for tests.
 
