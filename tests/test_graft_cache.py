@@ -177,6 +177,31 @@ def test_reorder_gathers_every_graft_state_row():
     assert all(torch.equal(it, it0[[1, 1]]) for it, it0 in zip(attractor.iterations, before[3]))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_after_reorder_repeat_and_select_continues_the_rows_it_picked(family):
+    """All four stacked: rows regathered (reorder), repeated or selected in the cache, then decoded, give the
+    full forward of the sequences those rows now hold."""
+    model = stack(family, ["sst", "attractor", "echo", "range_search"])
+    prompts = torch.cat([PROMPT, PROMPT.flip(1)])
+    step = torch.tensor([[7], [9]])
+
+    def continued(cache, rows):
+        decoded = logits(model, step, **with_cache({}, cache), use_cache=True)[:, -1]
+        full = logits(model, torch.cat([prompts[rows], step], dim=1))[:, -1]
+        torch.testing.assert_close(decoded, full, atol=2e-4, rtol=1e-4)
+
+    for rearrange, rows in [(lambda c: c.reorder_cache(torch.tensor([1, 1])), [1, 1]),
+                            (lambda c: c.batch_select_indices(torch.tensor([1, 0])), [1, 0])]:
+        cache = model.make_cache()
+        logits(model, prompts, **with_cache({}, cache), use_cache=True)
+        rearrange(cache)
+        continued(cache, rows)
+    cache = model.make_cache()
+    logits(model, prompts[1:], **with_cache({}, cache), use_cache=True)
+    cache.batch_repeat_interleave(2)
+    continued(cache, [1, 1])
+
+
 # -- crop ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_crop_goes_back_exactly_for_sst_attractor_and_range_search(family):
