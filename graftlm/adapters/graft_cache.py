@@ -50,7 +50,10 @@ class GraftState:
         self.map_rows(lambda x: x[indices.to(x.device)])
 
     def crop_refusal(self, length: int) -> str | None:
-        """Why this state cannot be cut back to the first ``length`` positions now (None: it can)."""
+        """Why this state cannot be cut back to the first ``length`` positions now (None: it can). The default
+        refuses for a state class that has no `crop_to` of its own."""
+        if type(self).crop_to is GraftState.crop_to:
+            return f"{type(self).__name__} does not implement crop_to"
         return None
 
     def crop_to(self, length: int, removed: int) -> None:
