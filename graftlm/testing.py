@@ -25,17 +25,12 @@ def open_grafts(model: nn.Module, seed: int = 3) -> nn.Module:
 
 
 def generation_cache(model: nn.Module):
-    """The cache ``generate`` would use: the one a graft supplies (EchoCache, RangeSearchCache, ...), else
-    a plain ``DynamicCache``."""
+    """The cache ``generate`` would use: a `GraftModel`'s `GraftCache` (every active graft's state), else a
+    plain ``DynamicCache``."""
     from transformers import DynamicCache
 
-    from graftlm.patches.cache_kwarg import cache_from_kwargs
-
-    kwargs = {"use_cache": True}
-    for graft in getattr(model, "grafts", {}).values():
-        kwargs = graft.prepare_generate_kwargs(kwargs)
-    cache = cache_from_kwargs(kwargs)
-    return DynamicCache(config=model.config) if cache is None else cache
+    make_cache = getattr(model, "make_cache", None) if hasattr(model, "grafts") else None
+    return make_cache() if make_cache is not None else DynamicCache(config=model.config)
 
 
 def count_decode_syncs(model: nn.Module, ids: torch.Tensor, steps: int, with_mask: bool = False):

@@ -8,7 +8,8 @@ from graft_fixtures import build_tiny_model
 import graftlm
 from graftlm.adapters import attach_adapter
 from graftlm.adapters.echo import EchoConfig
-from graftlm.adapters.echo_cache import EchoCache, EchoWindowLayer
+from graftlm.adapters.echo_cache import EchoWindowLayer
+from graftlm.adapters.graft_cache import GraftCache
 
 FAMILIES = ["llama", "gemma3"]
 CHUNK = 5  # prompts below end mid-chunk
@@ -118,7 +119,7 @@ def test_prefill_then_decode_matches_full_forward(family, mode, ramp):
     perturb(model)
     prompt = IDS[:, :13]  # 13 = 2 chunks of 5 + 3: prefill ends mid-chunk
     out, decoded = generate_logits(model, prompt, 9)
-    assert isinstance(out.past_key_values, EchoCache)
+    assert isinstance(out.past_key_values, GraftCache) and out.past_key_values.state("echo") is not None
     full = logits(model, out.sequences)
     torch.testing.assert_close(decoded, full[:, prompt.shape[1] - 1:-1], atol=2e-5, rtol=1e-5)
 
@@ -181,7 +182,7 @@ def test_replace_generation_keeps_no_kv_beyond_the_window(family):
     for index in (0, 2):
         assert isinstance(cache.layers[index], EchoWindowLayer)
         assert cache.layers[index].keys.shape[-2] == window - 1
-        assert cache.echo_state_bytes(index) > 0
+        assert cache.state("echo").nbytes(index) > 0
     seen = out.sequences.shape[1] - 1
     middle = seen if family == "llama" else base.config.sliding_window - 1  # full / sliding(8) attention
     assert cache.layers[1].keys.shape[-2] == middle
@@ -322,7 +323,7 @@ def test_a_row_gather_keeps_equal_phases_known_on_the_host():
     with torch.no_grad():
         model(input_ids=torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0)),
               past_key_values=cache, use_cache=True)
-    layer = next(layer for layer in cache.echo.values() if layer.is_initialized)
+    layer = next(layer for layer in cache.state("echo").layers.values() if layer.is_initialized)
     phases = layer.phases
     assert phases is not None and len(set(phases)) == 1
     layer.reorder_cache(torch.tensor([1, 1, 0]))
@@ -360,7 +361,7 @@ def test_window_only_control_has_no_echo_state_and_trains_a_stacked_lora_by_dist
             p.add_(0.1)
     prompt = IDS[:, :13]
     out, decoded = generate_logits(model, prompt, 9)
-    assert out.past_key_values.echo == {}
+    assert out.past_key_values.state("echo").layers == {}
     torch.testing.assert_close(decoded, logits(model, out.sequences)[:, prompt.shape[1] - 1:-1], atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="echo_branch"):
         EchoConfig(mode="parallel", echo_branch=False)

@@ -120,6 +120,22 @@ def test_attractor_decode_reads_only_its_solver_checks(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_stack_on_one_graft_cache_adds_no_decode_sync(family):
+    """SST, Echo (parallel) and the Attractor stacked on one `GraftCache`: the decode step
+    reads only the Attractor's own solver checks and closed-head read, as alone."""
+    model = build_tiny_model(family)
+    for name in ("sst", "echo", "attractor"):
+        model = graftlm.attach_adapter(model, CONFIGS[name](), adapter_name=name)
+    open_grafts(model)
+    config = model.grafts["attractor"].config
+    counts, cache = decode_syncs(model)
+    assert set(cache.graft_states) == {"sst", "echo", "attractor"}
+    per_step = AttractorGraft.cache_iterations(cache)[-STEPS:]
+    reads = sum(solver_checks(it, config.min_iter, config.max_iter, config.check_every) for it in per_step)
+    assert counts == {"__bool__": reads + STEPS}, counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_training_step_syncs(family):
     base = training_syncs(build_tiny_model(family))
     assert training_syncs(grafted(family, "lora")) == base

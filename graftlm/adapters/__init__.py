@@ -4,6 +4,7 @@ from graftlm.adapters.attractor import AttractorConfig
 from graftlm.adapters.config import GraftConfig, GraftConfigError, GraftConfigWarning
 from graftlm.adapters.echo import EchoConfig
 from graftlm.adapters.graft import Graft
+from graftlm.adapters.graft_cache import CacheCropError, GraftCache, GraftState
 from graftlm.adapters.io import (
     AdapterBaseMismatchError,
     AdapterConfigError,
@@ -38,12 +39,15 @@ __all__ = [
     "AdapterTensorsError",
     "AttractorConfig",
     "BaseAlreadyGraftedError",
+    "CacheCropError",
     "EchoConfig",
     "Graft",
+    "GraftCache",
     "GraftConfig",
     "GraftConfigError",
     "GraftConfigWarning",
     "GraftModel",
+    "GraftState",
     "LoRAConfig",
     "ModelCardWarning",
     "NewerVersionWarning",

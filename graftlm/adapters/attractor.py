@@ -36,15 +36,16 @@ keeps running to max_iter is a logged warning.
 ``iterate='unrolled'`` is the control without a fixed point: g applied exactly ``max_iter`` times from
 c, differentiated through every pass (max_iter 1: the head applied once, a plain extra block).
 
-Generation: the head keeps its own KV cache on the transformers ``Cache`` the model is called with
-(``cache``, ``past_key_values`` before transformers 5.24; attribute ``graftlm_attractor``: per block
-the keys/values [B, H, T_past, hd] of the earlier positions' converged ``h_i``). For a new chunk, the
+Generation: the head keeps its own KV cache in the `GraftCache` the model is called with (``cache``,
+``past_key_values`` before transformers 5.24; `AttractorCacheState`: per block the keys/values
+[B, H, T_past, hd] of the earlier positions' converged ``h_i``; on another transformers cache, or one the
+model made itself, as its attribute ``graftlm_attractor``, exact for greedy decoding only). For a new chunk, the
 earlier positions are fixed at their fixed point; the chunk's queries attend to those cached
 keys/values and to the chunk's own iterates.
 Because attention is causal, the joint fixed point of a full forward restricted to a prefix is the
 prefix's fixed point, so prefill + token-by-token decode equals one full forward (up to the solver
 tolerance). Per-call iteration counts are appended to the cache (``cache_iterations``); in decode one
-call is one token. Beam search (cache reordering) is not supported.
+call is one token. Beam search reorders the head's KV with the beams; a crop slices it.
 
 dtypes and host syncs (`graftlm.dtype_policy`): the head, its KV cache and the solve are float32 under
 a bf16 base (a bf16 map can't get its residual below ~4e-3, the tolerance is 1.5e-4), with autocast off;
@@ -68,6 +69,7 @@ from torch import nn
 
 from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
+from graftlm.adapters.graft_cache import GraftState, missing_state_error, state_of
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
 from graftlm.dtype_policy import full_precision, to_base
@@ -80,7 +82,7 @@ from graftlm.kernels.fixed_point import (
 )
 from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_from_output
 
-CACHE_ATTRIBUTE = "graftlm_attractor"
+STATE_KEY = "attractor"  # the graft's key in GraftCache.graft_states (its graft type)
 WARN_WINDOW = 10  # training steps per max_iter warning check (one host sync each)
 logger = logging.getLogger(__name__)
 
@@ -319,16 +321,88 @@ def attention_mask(
 
 
 class _Run:
-    """What the top-level forward tells the final-norm hook: padding mask, cache, its past length."""
+    """What the top-level forward tells the final-norm hook: padding mask, the cache's attractor state, its
+    past length; ``previous``: the run of an enclosing forward (a forward nested in another graft's hook)."""
 
-    def __init__(
-        self, attention_mask: torch.Tensor | None, cache: Any, past_length: int, use_cache: bool = False
-    ):
+    def __init__(self, attention_mask: torch.Tensor | None, cache_state: AttractorCacheState | None,
+                 past_length: int, use_cache: bool = False, previous: _Run | None = None):
         self.attention_mask = attention_mask
         self.use_cache = use_cache  # a cache created inside the forward is picked up from the output
-        self.cache = cache
+        self.cache_state = cache_state
         self.past_length = past_length
-        self.state: dict[str, Any] | None = None  # the head's cache after this call
+        self.previous = previous
+        self.chunk: tuple | None = None  # (kv, iterations [B], tokens, mode) of this call, for the cache
+
+
+class AttractorCacheState(GraftState):
+    """The Attractor head's state in a `GraftCache` (or, as ``graftlm_attractor``, on another cache: `state_of`).
+
+    ``kv``: per head block the keys/values (K, V) [B, H, T_past, hd] of the earlier positions' converged
+    ``h_i`` (``iterate='unrolled'``: one such list per pass); ``length``: T_past; ``mode``: what ``kv`` holds
+    (`AttractorGraft._cache_mode`); ``iterations`` / ``tokens``: per forward call its solver iterations [B]
+    and its token count. Beam reorder, row selection and repeats index K, V and the iteration rows. A crop
+    slices K, V (a causal head's fixed point over a prefix doesn't depend on later tokens) and drops the
+    records of the calls past the new length.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv: list | None = None
+        self.length = 0
+        self.mode: str | None = None
+        self.iterations: list[torch.Tensor] = []
+        self.tokens: list[int] = []
+
+    def _block_lists(self) -> list[list]:
+        """The per-block (K, V) lists: one (fixed point) or one per unrolled pass."""
+        if self.kv is None:
+            return []
+        return [self.kv] if self.mode == "fixed_point" else list(self.kv)
+
+    def _map_kv(self, fn) -> None:
+        mapped = [[(fn(k), fn(v)) for k, v in blocks] for blocks in self._block_lists()]
+        if self.kv is not None:
+            self.kv = mapped[0] if self.mode == "fixed_point" else mapped
+
+    def append(self, kv: list, iterations: torch.Tensor, tokens: int, mode: str) -> None:
+        """Add one forward call's chunk: its per-block (k, v) (unrolled: per pass), iterations [B], tokens."""
+        def cat(past, new):
+            return new if past is None else [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                                             for (pk, pv), (k, v) in zip(past, new)]
+
+        if mode == "fixed_point":
+            self.kv = cat(self.kv, kv)
+        else:
+            self.kv = [cat(None if self.kv is None else self.kv[p], chunk) for p, chunk in enumerate(kv)]
+        self.mode = mode
+        self.length += tokens
+        self.iterations.append(iterations)
+        self.tokens.append(tokens)
+
+    def map_rows(self, fn) -> None:
+        self._map_kv(fn)
+        self.iterations = [fn(i) for i in self.iterations]
+
+    def crop_to(self, length: int, removed: int) -> None:
+        if length >= self.length:
+            return
+        if length == 0:
+            self.reset()
+            return
+        self._map_kv(lambda t: t[:, :, :length])
+        kept, total = 0, 0
+        for kept, tokens in enumerate(self.tokens, start=1):  # the calls up to the new length (the last one cut)
+            total += tokens
+            if total >= length:
+                break
+        self.iterations, self.tokens = self.iterations[:kept], self.tokens[:kept]
+        self.tokens[-1] -= total - length
+        self.length = length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for blocks in self._block_lists() for k, v in blocks for t in (k, v))
 
 
 class AttractorGraft(Graft):
@@ -338,8 +412,6 @@ class AttractorGraft(Graft):
     the returned iterate), ``converged``, ``fallback``; and ``tokens`` (T of the chunk). One attractor
     graft per model: a second would share the cache attribute.
     """
-
-    supports_beam_search = False  # the head's KV cache on the generation cache is not reordered
 
     def __init__(self, config: AttractorConfig, base_model: nn.Module, patch):
         super().__init__(config, base_model, patch)
@@ -369,15 +441,23 @@ class AttractorGraft(Graft):
         past = int(cache.get_seq_length()) if cache is not None else 0
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        self._run = _Run(mask, cache, past, bool(kwargs.get("use_cache")))
+        cache_state = state_of(cache, STATE_KEY, make=AttractorCacheState)
+        if cache is not None and cache_state is None:
+            raise missing_state_error("attractor", cache)
+        self._run = _Run(mask, cache_state, past, bool(kwargs.get("use_cache")), previous=self._run)
 
     def _after_model(self, module, args, kwargs, output):
-        run, self._run = self._run, None
-        if run is None or run.state is None:
+        run = self._run
+        if run is None:
             return
-        cache = run.cache if run.cache is not None else cache_from_output(output)
-        if cache is not None:
-            setattr(cache, CACHE_ATTRIBUTE, run.state)
+        self._run = run.previous  # a forward nested in another graft's hook (SST's first pass) leaves it as it was
+        if run.chunk is None:
+            return
+        state = run.cache_state
+        if state is None:  # the model made a cache of its own: the state rides on it (`state_of`)
+            state = state_of(cache_from_output(output), STATE_KEY, make=AttractorCacheState)
+        if state is not None:
+            state.append(*run.chunk)
 
     def _refine_hook(self, module, args, kwargs):
         if not self.active:
@@ -392,20 +472,20 @@ class AttractorGraft(Graft):
         """c [B, T, d] -> y* [B, T, d] (METHODS.md section 2), in c's dtype."""
         run = self._run or _Run(None, None, 0)
         batch, length, _ = c.shape
-        state = getattr(run.cache, CACHE_ATTRIBUTE, None) if run.cache is not None else None
-        if state is not None and state["length"] != run.past_length:
+        state = run.cache_state if run.cache_state is not None and run.cache_state.kv is not None else None
+        if state is not None and state.length != run.past_length:
             raise RuntimeError(
-                f"attractor cache holds {state['length']} positions, the backbone cache {run.past_length}"
+                f"attractor cache holds {state.length} positions, the backbone cache {run.past_length}"
             )
         if state is None and run.past_length > 0:
             raise RuntimeError(
                 "the generation cache has positions but no attractor state (built without the graft?)"
             )
         mode = self._cache_mode()
-        if state is not None and state["mode"] != mode:
-            raise RuntimeError(f"the attractor cache was built in mode {state['mode']}, this call solves in {mode}"
+        if state is not None and state.mode != mode:
+            raise RuntimeError(f"the attractor cache was built in mode {state.mode}, this call solves in {mode}"
                                " (iterate / max_iter changed during generation)")
-        past_kv = state["kv"] if state is not None else None
+        past_kv = state.kv if state is not None else None
         need_grad = torch.is_grad_enabled() and (
             c.requires_grad or any(p.requires_grad for p in self.head.parameters())
         )
@@ -415,7 +495,7 @@ class AttractorGraft(Graft):
             key_valid = run.attention_mask[:, -(run.past_length + length) :].to(c.device)
         mask = attention_mask(batch, length, run.past_length, key_valid, c.device)
         valid = None if key_valid is None else key_valid[:, -length:].bool()  # positions judged by the solve
-        keep_state = run.cache is not None or run.use_cache
+        keep_state = run.cache_state is not None or run.use_cache
 
         with full_precision(c.device):  # autocast would run the head in bf16, short of the tolerance
             if self.config.iterate == "unrolled":
@@ -426,7 +506,7 @@ class AttractorGraft(Graft):
             info["tokens"] = length
             self.last_solve_info = info
             if keep_state:
-                run.state = self._next_state(state, kv, info, length, mode)
+                run.chunk = (kv, info["iterations"].detach(), length, mode)
         return to_base(y_star, c)
 
     def _cache_mode(self) -> str:
@@ -501,25 +581,6 @@ class AttractorGraft(Graft):
         self.head(y_star.detach(), c.detach(), mask, past_kv, record=record)
         return record
 
-    @staticmethod
-    def _next_state(state, kv, info, length, mode: str) -> dict[str, Any]:
-        """The head's cache after this chunk: the chunk's per-block (K, V) appended to the earlier ones
-        (``kv``: one list of blocks; unrolled: one per pass)."""
-
-        def append(past, new):
-            if past is None:
-                return new
-            return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past, new)]
-
-        past = None if state is None else state["kv"]
-        if mode == "fixed_point":
-            merged = append(past, kv)
-        else:
-            merged = [append(None if past is None else past[k], chunk) for k, chunk in enumerate(kv)]
-        iterations = ([] if state is None else list(state["iterations"])) + [info["iterations"].detach()]
-        previous = 0 if state is None else state["length"]
-        return {"kv": merged, "length": previous + length, "iterations": iterations, "mode": mode}
-
     @contextmanager
     def iteration_budget(self, max_iter: int, min_iter: int = 0):
         """Temporarily solve with at most ``max_iter`` updates (METHODS.md section 2, internalisation
@@ -537,8 +598,11 @@ class AttractorGraft(Graft):
     def cache_iterations(cache) -> list[torch.Tensor]:
         """Per forward call on this cache (prefill, then one per decoded token): iterations [B], on the
         model's device (kept there: copying each to the host would stall every decode step)."""
-        state = getattr(cache, CACHE_ATTRIBUTE, None)
-        return [] if state is None else list(state["iterations"])
+        state = state_of(cache, STATE_KEY)
+        return [] if state is None else list(state.iterations)
+
+    def make_cache_state(self) -> AttractorCacheState:
+        return AttractorCacheState()
 
     # -- training ---------------------------------------------------------------------------------------
     def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -28,8 +28,10 @@ Two modes:
 
 Training: the LM loss, plus in replace mode an optional LoLCATs-style distillation (arXiv 2410.10254)
 ``distill_weight * mean_layers MSE(o_proj(window_attn) + echo(x), o_proj(full_attn).detach())`` through
-`EchoGraft.training_loss`. Generation: `EchoCache` (``echo_cache.py``), supplied by
-``prepare_generate_kwargs``; batched generation with left padding is exact per row (see that module).
+`EchoGraft.training_loss`. Generation: the graft's state (`EchoCacheState`, ``echo_cache.py``) and window
+layers live in the one `GraftCache` that `GraftModel.generate` builds (``EchoGraft.make_cache()``: an
+`EchoCache`, holding only them); beam search reorders the state, crop is refused; batched generation with
+left padding is exact per row (see that module).
 
 dtypes and host syncs (`graftlm.dtype_policy`): the branch's parameters, projections and statistics are
 float32 (``stats_dtype``; Kahan-compensated decode sums) with autocast off, whatever the base's dtype;
@@ -51,14 +53,18 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.echo_cache import (
+    STATE_KEY,
     EchoCache,
+    EchoCacheState,
     EchoSettings,
+    EchoWindowLayer,
     echo_continue,
     echo_prefill,
     echo_sequence,
     only_trailing_padding,
 )
 from graftlm.adapters.graft import Graft
+from graftlm.adapters.graft_cache import state_of
 from graftlm.adapters.registry import register_graft
 from graftlm.dtype_policy import full_precision, to_base
 from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
@@ -256,11 +262,13 @@ class EchoGraft(Graft):
         float32 with autocast off (`graftlm.dtype_policy`), whatever the base's dtype."""
         branch = self.branches[str(index)]
         keep = self._keep(x.shape[1])
-        slot = cache.echo.get(index) if isinstance(cache, EchoCache) else None
+        state = state_of(cache, STATE_KEY)
+        slot = state.layers.get(index) if state is not None else None
         if slot is None and self._context.past_length > 0:
             raise RuntimeError(
-                "the Echo graft continues a sequence only from an EchoCache (its state lives there): use "
-                "GraftModel.generate, or pass graft.make_cache() as the cache")
+                f"the Echo graft continues a sequence only from a GraftCache holding its state (an EchoCache is one), "
+                f"not this {type(cache).__name__}: use GraftModel.generate, or pass graft_model.make_cache() as the "
+                f"cache")
         if slot is not None and slot.state is not None and keep is not None:
             raise ValueError("Echo: padded tokens after the prefill are not supported")
         with full_precision(x.device):
@@ -378,25 +386,38 @@ class EchoGraft(Graft):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     # -- generation and training -----------------------------------------------------------------
+    supports_crop = False  # the statistics are sums (EchoCacheState.crop_refusal)
+
+    def _window_layers(self) -> dict[int, int]:
+        """Layer -> window of the replaced layers whose cache keeps only the window (ramp 1)."""
+        return {i: self.window for i in self.layer_indices} if self.replaces and self.replace_ramp == 1.0 else {}
+
+    def make_cache_state(self) -> EchoCacheState:
+        return EchoCacheState(self.layer_indices if self.config.echo_branch else [])
+
+    def cache_layers(self) -> dict[int, EchoWindowLayer]:
+        return {index: EchoWindowLayer(sliding_window=window) for index, window in self._window_layers().items()}
+
+    def cache_layers_replaced(self) -> set[int]:
+        return set(self.layer_indices) if self.replaces else set()
+
     def make_cache(self) -> EchoCache:
-        """An empty `EchoCache` for this graft: window-only KV layers for replaced layers at ramp 1."""
-        windows = {}
-        if self.replaces and self.replace_ramp == 1.0:
-            windows = {i: self.window for i in self.layer_indices}
+        """An empty `EchoCache` for this graft alone: window-only KV layers for replaced layers at ramp 1."""
         echo_layers = self.layer_indices if self.config.echo_branch else []
-        return EchoCache(self.base_model.config, echo_layers=echo_layers, window_layers=windows)
+        return EchoCache(self.base_model.config, echo_layers=echo_layers, window_layers=self._window_layers())
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Supply ``make_cache()`` as the cache (unless the caller passed an EchoCache, or
-        ``use_cache=False``: then every step is a whole-sequence forward, which needs no state)."""
+        """Check that the cache holds this graft's state (`GraftModel.generate` supplies one; called on its own,
+        supply ``make_cache()`` when there is none, unless ``use_cache=False``: then every step is a
+        whole-sequence forward, which needs no state)."""
         cache = cache_from_kwargs(kwargs)
         if kwargs.get("use_cache") is False and cache is None:
             return kwargs
         if cache is None:
             return {**with_cache(kwargs, self.make_cache()), "use_cache": True}
-        if not isinstance(cache, EchoCache):
-            raise TypeError("an Echo graft generates with an EchoCache (graft.make_cache()), not "
-                            f"{type(cache).__name__}")
+        if state_of(cache, STATE_KEY) is None:
+            raise TypeError("an Echo graft generates with a GraftCache holding its state (graft_model.make_cache(), "
+                            f"or an EchoCache: graft.make_cache()), not {type(cache).__name__}")
         return kwargs
 
     def on_train_step(self, step: int, total_steps: int) -> None:

@@ -1,7 +1,7 @@
-"""The Echo graft's generation state: `EchoCache`, a transformers ``DynamicCache`` whose grafted layers also
-hold an Echo recall state (METHODS.md section 3), and the functions that advance that state.
+"""The Echo graft's generation state (METHODS.md section 3): `EchoCacheState`, its part of a `GraftCache`,
+the `EchoCache` that holds only it, and the functions that advance that state.
 
-Per grafted layer the cache holds an `EchoStateLayer` (modelled on transformers' ``LinearAttentionLayer``:
+Per grafted layer the state holds an `EchoStateLayer` (modelled on transformers' ``LinearAttentionLayer``:
 a fixed-size recurrent state with no sequence dimension):
 
     state  EchoState  G [B, H, r, r], M [B, H, r, r], C [B, H, P, r], last key [B, H, r], key norm [B, H],
@@ -36,10 +36,13 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from graftlm.adapters.graft_cache import GraftCache, GraftState
 from graftlm.kernels.echo import EchoState, echo_chunked, echo_step, init_state, readout_operator
 from graftlm.kernels.echo.reference import per_head
+
+STATE_KEY = "echo"  # the Echo graft's key in GraftCache.graft_states (its graft type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,68 +221,66 @@ class EchoStateLayer:
 class EchoWindowLayer(DynamicSlidingWindowLayer):
     """KV cache of a layer whose attention Echo replaces: the last ``sliding_window - 1`` tokens only.
 
-    ``is_sliding`` is False and `EchoCache` reports the layer as linear, so transformers never sizes the
-    model's shared full or sliding attention masks from this layer (the graft builds its own window mask).
+    ``is_sliding`` is False and ``builds_own_mask`` makes `GraftCache` report the layer as linear, so
+    transformers never sizes the model's shared full or sliding attention masks from this layer (the graft
+    builds its own window mask).
     """
 
     is_sliding = False
+    builds_own_mask = True
 
 
-class EchoCache(DynamicCache):
-    """A ``DynamicCache`` for a model with an Echo graft.
+class EchoCacheState(GraftState):
+    """The Echo graft's state in a `GraftCache`: ``layers[i]`` is grafted layer i's `EchoStateLayer`.
 
-    Layers are the base model's own (full or sliding ``DynamicLayer`` from its config) except the
-    ``window_layers``, which become `EchoWindowLayer` (window given per layer). ``echo[i]`` is the
-    `EchoStateLayer` of grafted layer i. Built by ``EchoGraft.make_cache()`` and supplied to ``generate``.
+    Cropping is refused once a layer holds statistics: they are sums over every token seen, and a sum can't
+    give back the tokens it absorbed.
     """
 
-    def __init__(self, config, echo_layers: Iterable[int], window_layers: dict[int, int] | None = None):
-        super().__init__(config=config)
-        for index, window in (window_layers or {}).items():
-            self.layers[index] = EchoWindowLayer(sliding_window=window)
-        self.echo: dict[int, EchoStateLayer] = {index: EchoStateLayer() for index in echo_layers}
-
-    @property
-    def is_linear(self) -> list[bool]:
-        linear = super().is_linear
-        return [flag or isinstance(layer, EchoWindowLayer) for flag, layer in zip(linear, self.layers)]
+    def __init__(self, echo_layers: Iterable[int]) -> None:
+        self.layers: dict[int, EchoStateLayer] = {index: EchoStateLayer() for index in echo_layers}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        for layer in self.echo.values():
+        for layer in self.layers.values():
             layer.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        for layer in self.echo.values():
+        for layer in self.layers.values():
             layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        for layer in self.echo.values():
+        for layer in self.layers.values():
             layer.batch_select_indices(indices)
 
+    def crop_refusal(self, length: int) -> str | None:
+        if any(layer.is_initialized for layer in self.layers.values()):
+            return "the Echo statistics are sums over every token seen and cannot give tokens back"
+        return None
+
     def reset(self) -> None:
-        super().reset()
-        for layer in self.echo.values():
+        for layer in self.layers.values():
             layer.reset()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if any(layer.is_initialized for layer in self.echo.values()):
-            raise RuntimeError("an EchoCache holding Echo states cannot be cropped (the statistics are sums)")
-        super().crop(tokens_to_remove)
+    def nbytes(self, layer_idx: int | None = None) -> int:
+        """Bytes of Echo state held (one grafted layer, or all)."""
+        layers = self.layers.values() if layer_idx is None else [self.layers[layer_idx]]
+        return sum(layer.nbytes() for layer in layers)
+
+
+class EchoCache(GraftCache):
+    """A `GraftCache` holding only an Echo graft's state (``echo[i]``: grafted layer i's `EchoStateLayer`) and its
+    window layers (``window_layers``: index -> window). ``EchoGraft.make_cache()`` builds one; a stack
+    generates with the one `GraftCache` of `GraftModel.make_cache`, which holds the same parts.
+    """
+
+    def __init__(self, config, echo_layers: Iterable[int], window_layers: dict[int, int] | None = None):
+        layers = {index: EchoWindowLayer(sliding_window=window) for index, window in (window_layers or {}).items()}
+        super().__init__(config, {STATE_KEY: EchoCacheState(echo_layers)}, layers)
 
     @property
-    def is_croppable(self) -> bool:
-        return not any(layer.is_initialized for layer in self.echo.values()) and super().is_croppable
-
-    def kv_bytes(self, layer_idx: int | None = None) -> int:
-        """Bytes of keys and values held (one layer, or all)."""
-        layers = self.layers if layer_idx is None else [self.layers[layer_idx]]
-        return sum(t.numel() * t.element_size() for layer in layers
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+    def echo(self) -> dict[int, EchoStateLayer]:
+        return self.graft_states[STATE_KEY].layers
 
     def echo_state_bytes(self, layer_idx: int | None = None) -> int:
         """Bytes of Echo state held (one grafted layer, or all)."""
-        layers = self.echo.values() if layer_idx is None else [self.echo[layer_idx]]
-        return sum(layer.nbytes() for layer in layers)
+        return self.graft_states[STATE_KEY].nbytes(layer_idx)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from graftlm.adapters.config import GraftConfig
+from graftlm.adapters.graft_cache import GraftState
 from graftlm.patches import ArchitecturePatch
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ class Graft(nn.Module):
     #: False for a graft whose generation state is not reordered with the beams: `GraftModel.generate`
     #: then refuses beam search while the graft is active.
     supports_beam_search: bool = True
+    #: False for a graft whose generation state can't be cut back to an earlier length (`GraftState.crop_refusal`):
+    #: `GraftModel.generate` then refuses assisted decoding, which crops the cache after each draft.
+    supports_crop: bool = True
 
     def __init__(self, config: GraftConfig, base_model: nn.Module, patch: ArchitecturePatch):
         super().__init__()
@@ -131,9 +135,34 @@ class Graft(nn.Module):
             self.lora.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Adjust ``generate`` keyword arguments before generation (e.g. supply a graft-aware ``Cache``
-        as the cache, under `graftlm.patches.cache_kwarg.cache_kwarg()`); the default leaves them unchanged."""
+        """Adjust ``generate`` keyword arguments before generation (`GraftModel.generate` has already put its
+        `GraftCache` in them, under `graftlm.patches.cache_kwarg.cache_kwarg()`; a graft may check it); the
+        default leaves them unchanged."""
         return kwargs
+
+    # -- the generation cache (graftlm.adapters.graft_cache) ----------------------------------------
+    @property
+    def state_key(self) -> str:
+        """This graft's key in `GraftCache.graft_states`: its graft type (a stack holds one graft per type)."""
+        return self.config.graft_type
+
+    def make_cache_state(self) -> GraftState | None:
+        """A fresh generation state for a `GraftCache` (None, the default: the graft keeps none)."""
+        return None
+
+    def cache_layers(self) -> dict[int, Any]:
+        """Key/value cache layers this graft puts in a `GraftCache` instead of the base's own, by layer index
+        (now, for the config as it is); the default puts none."""
+        return {}
+
+    def cache_layers_replaced(self) -> set[int]:
+        """Layers whose key/value cache layer this graft may replace (`cache_layers` under any setting it can
+        reach), checked against the other grafts when it is attached."""
+        return set()
+
+    def full_key_layers(self) -> set[int]:
+        """Layers whose whole key/value cache this graft reads at decode (a replaced layer keeps less)."""
+        return set()
 
     @contextmanager
     def config_overrides(self, values: dict[str, Any]) -> Iterator[None]:

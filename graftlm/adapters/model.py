@@ -17,11 +17,13 @@ from torch import nn
 from graftlm.adapters import io
 from graftlm.adapters.config import GraftConfig, GraftConfigError
 from graftlm.adapters.graft import Graft
+from graftlm.adapters.graft_cache import GraftCache
 from graftlm.adapters.io import check_adapter_name
 from graftlm.adapters.model_card import is_graftlm_card, render_model_card
 from graftlm.adapters.registry import UnknownGraftTypeError, get_graft_type, graft_type_for_config
 from graftlm.dtype_policy import parameter_dtype
 from graftlm.patches import get_patch
+from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
 DEFAULT_ADAPTER_NAME = io.DEFAULT_ADAPTER_NAME
 OWNER_ATTRIBUTE = "_graftlm_graft_model"  # in the base model's __dict__: the GraftModel wrapping it
@@ -87,40 +89,72 @@ class GraftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """The base model's ``generate``; each active graft may first adjust the kwargs (its cache).
+        """The base model's ``generate`` on one `GraftCache` that holds every active graft's state
+        (`make_cache`; a caller's own cache is used as given), after each active graft may adjust the kwargs.
 
         Beam search (``num_beams > 1``, from the kwargs or the generation config) is refused while a graft
-        that can't reorder its state with the beams (``Graft.supports_beam_search = False``) is active, and so
-        is assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``), which crops the cache.
+        that can't reorder its state with the beams (``Graft.supports_beam_search = False``) is active, and
+        assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``), which crops the cache, while
+        one that can't crop its state (``Graft.supports_crop = False``) is; both are refused with a caller's
+        cache that is not a `GraftCache` (its reorder and crop don't reach the grafts' states).
         """
         self._check_generation_mode(kwargs)
+        if cache_from_kwargs(kwargs) is None and kwargs.get("use_cache") is not False:
+            kwargs = {**with_cache(kwargs, self.make_cache()), "use_cache": True}
         for graft in self.grafts.values():
             if graft.active:
                 kwargs = graft.prepare_generate_kwargs(kwargs)
         return self.base_model.generate(*args, **kwargs)
 
+    def make_cache(self) -> GraftCache:
+        """An empty `GraftCache` for the grafts active now: each one's state, and its key/value layers in place
+        of the base's (Echo's window layers). Pass it as the cache to call the model by hand."""
+        states, layers = {}, {}
+        for graft in self.grafts.values():
+            if not graft.active:
+                continue
+            state = graft.make_cache_state()
+            if state is not None:
+                states[graft.state_key] = state
+            layers.update(graft.cache_layers())
+        return GraftCache(self.base_model.config, states, layers)
+
     def _check_generation_mode(self, kwargs: dict[str, Any]) -> None:
-        refusing = [f"{name!r} ({graft.config.graft_type})" for name, graft in self.grafts.items()
-                    if graft.active and not graft.supports_beam_search]
-        if not refusing:
-            return
+        active = {name: graft for name, graft in self.grafts.items() if graft.active}
+        describe = lambda names: ", ".join(f"{name!r} ({self.grafts[name].config.graft_type})" for name in names)
         generation_config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
         num_beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", None) or 1
-        if num_beams > 1:
-            raise UnsupportedGenerationError(
-                f"beam search (num_beams={num_beams}) is not supported with the graft {', '.join(refusing)}: its "
-                f"state on the generation cache is not reordered with the beams, so beams would be scored wrongly. "
-                f"Use num_beams=1 (greedy or sampling), or run the base alone inside GraftModel.disable_adapter()"
-            )
         assisted = [key for key in ASSISTED_GENERATION_KEYS
                     if kwargs.get(key) is not None or getattr(generation_config, key, None) is not None]
+        cache = cache_from_kwargs(kwargs)
+        foreign = cache is not None and not isinstance(cache, GraftCache) and any(
+            graft.make_cache_state() is not None for graft in active.values())
+        if num_beams > 1:
+            refusing = [name for name, graft in active.items() if not graft.supports_beam_search]
+            if refusing:
+                raise UnsupportedGenerationError(
+                    f"beam search (num_beams={num_beams}) is not supported with the graft {describe(refusing)}: its "
+                    f"state on the generation cache is not reordered with the beams, so beams would be scored "
+                    f"wrongly. Use num_beams=1 (greedy or sampling), or run the base alone inside "
+                    f"GraftModel.disable_adapter()")
+            if foreign:
+                raise UnsupportedGenerationError(
+                    f"beam search (num_beams={num_beams}) with a {type(cache).__name__} as the cache: its reorder "
+                    f"does not reach the grafts' states. Pass no cache (generate builds a GraftCache) or "
+                    f"graft_model.make_cache()")
         if assisted:
-            raise UnsupportedGenerationError(
-                f"assisted generation ({', '.join(assisted)}) is not supported with the graft {', '.join(refusing)}: "
-                f"it crops the generation cache back to the accepted tokens, and that graft's state on the cache "
-                f"is not cropped with it, so later tokens would see rejected drafts. Generate without it, or run "
-                f"the base alone inside GraftModel.disable_adapter()"
-            )
+            refusing = [name for name, graft in active.items() if not graft.supports_crop]
+            if refusing:
+                raise UnsupportedGenerationError(
+                    f"assisted generation ({', '.join(assisted)}) is not supported with the graft "
+                    f"{describe(refusing)}: it crops the generation cache back to the accepted tokens, and that "
+                    f"graft's state on the cache cannot be cropped, so later tokens would see rejected drafts. "
+                    f"Generate without it, or run the base alone inside GraftModel.disable_adapter()")
+            if foreign:
+                raise UnsupportedGenerationError(
+                    f"assisted generation ({', '.join(assisted)}) with a {type(cache).__name__} as the cache: its "
+                    f"crop does not reach the grafts' states. Pass no cache (generate builds a GraftCache) or "
+                    f"graft_model.make_cache()")
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Checkpoint the frozen base's layers; non-reentrant by default so grafts inside still get grads.
@@ -162,6 +196,7 @@ class GraftModel(nn.Module):
         config.check()
         config.validate_for_model(self.base_model.config)
         graft = graft_type.graft_class(config, self.base_model, self.patch)
+        self._check_cache_conflicts(graft, adapter_name)
         reference = next(self.base_model.parameters())
         graft.to(device=reference.device, dtype=parameter_dtype(reference.dtype))  # float32 on a bf16 base
         try:
@@ -173,6 +208,23 @@ class GraftModel(nn.Module):
         for parameter in graft.all_parameters():
             parameter.requires_grad_(not config.inference_mode)
         return graft
+
+    def _check_cache_conflicts(self, graft: Graft, adapter_name: str) -> None:
+        """Refuse a graft whose generation cache layers clash with an attached graft's: two grafts replacing one
+        layer's key/value cache, or one reading the whole key cache of a layer another replaces."""
+        new = f"{adapter_name!r} ({graft.config.graft_type})"
+        for name, existing in self.grafts.items():
+            old = f"{name!r} ({existing.config.graft_type})"
+            reads = "reads the whole key cache that"
+            clashes = [
+                (graft.cache_layers_replaced() & existing.cache_layers_replaced(), "both replace the key/value cache"),
+                (graft.full_key_layers() & existing.cache_layers_replaced(), f"{new} {reads} {old} replaces"),
+                (existing.full_key_layers() & graft.cache_layers_replaced(), f"{old} {reads} {new} replaces"),
+            ]
+            for layers, what in clashes:
+                if layers:
+                    raise ValueError(f"cannot attach {new} beside {old}: on layers {sorted(layers)} {what} (one "
+                                     f"generation cache serves both); give them disjoint target_layers")
 
     def graft_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable parameters: every graft's own, and those it placed in the base (peft LoRA)."""

@@ -33,14 +33,15 @@ How it is wired (transformers 5.x):
   disabled graft) is delegated unchanged to ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
   The base's own implementation before attaching is not reused: on a base that ran ``eager`` the
   logits therefore match to float tolerance, on ``sdpa`` (the default) bit for bit.
-* The index lives on a `RangeSearchCache` (``range_search_cache.py``). The attention function gets no
-  cache argument, so a forward pre-hook (with kwargs) on each grafted attention module hands the
-  module's cache (``cache``; ``past_key_values`` before transformers 5.24) to the graft for the
-  duration of that module's forward.
-* ``generate`` through `GraftModel` gets a fresh `RangeSearchCache` via `prepare_generate_kwargs` when
-  the caller passed no cache. A caller's own cache of another type (a plain ``DynamicCache``, or another
-  graft's cache) is used as given and decode stays dense (with a one-time warning): an index kept
-  beside a foreign cache could silently go stale under beam reordering or cropping.
+* The index lives in the generation `GraftCache` (`RangeSearchCacheState`, ``range_search_cache.py``).
+  The attention function gets no cache argument, so a forward pre-hook (with kwargs) on each grafted
+  attention module hands the module's cache (``cache``; ``past_key_values`` before transformers 5.24) to
+  the graft for the duration of that module's forward. Layers it does not graft run the attention function
+  of a graft attached before it (Echo's window attention), else SDPA.
+* ``generate`` through `GraftModel` uses its one `GraftCache` (`GraftModel.make_cache`). A caller's cache
+  that holds no range-search state (a plain ``DynamicCache``) is used as given and decode stays dense (with
+  a one-time warning): an index kept beside a foreign cache could silently go stale under beam reordering
+  or cropping.
 
 Thresholds of the exact mode, per query head (``threshold``):
 
@@ -66,7 +67,7 @@ Host syncs per grafted layer and decode step (counted by `graftlm.host_syncs.Hos
 level and filter) when the index prunes. A step that moves keys into blocks (every ``block_size`` keys)
 adds one more.
 
-Limits: anything that rewrites a `RangeSearchCache`'s past (beam search reorders it every step, contrastive
+Limits: anything that rewrites the cache's past (beam search reorders it every step, contrastive
 search selects rows, ``crop``) drops the indexes, and the next step rebuilds them from the cache: correct,
 but beam search then pays an index build per step. The Triton backend is forward only.
 """
@@ -84,7 +85,13 @@ from transformers.masking_utils import sdpa_mask
 
 from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
-from graftlm.adapters.range_search_cache import RangeSearchCache, RangeSearchLayerState
+from graftlm.adapters.graft_cache import state_of
+from graftlm.adapters.range_search_cache import (
+    STATE_KEY,
+    RangeSearchCache,
+    RangeSearchCacheState,
+    RangeSearchLayerState,
+)
 from graftlm.adapters.registry import register_graft
 from graftlm.kernels.range_search import (
     RangeSearchIndex,
@@ -388,15 +395,21 @@ class RangeSearchGraft(Graft):
         self._grafted = set(self.layer_indices)
         self._attention_name = f"graftlm_range_search_{id(self):x}"
         self._caches: dict[int, Any] = {}
+        # the layers not grafted here run this: SDPA, or the attention function of a graft attached earlier
+        self._delegate = sdpa_attention_forward
         self._warned_foreign_cache = False
         self.recall_log: list[dict[str, float]] = []
 
     # -- install / remove
     def install(self) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         name = self._attention_name
         self.patch.register_attention(name, self.attention, sdpa_mask)
         self.on_remove(lambda: self.patch.unregister_attention(name))
         previous = self.patch.set_attention_implementation(self.base_model, name)
+        if previous.startswith("graftlm_") and previous in ALL_ATTENTION_FUNCTIONS:
+            self._delegate = ALL_ATTENTION_FUNCTIONS[previous]  # another graft's (Echo's window attention)
         self.on_remove(lambda: self.patch.set_attention_implementation(self.base_model, previous))
         self.on_remove(self._caches.clear)
         layers = self.patch.decoder_layers(self.base_model)
@@ -415,8 +428,8 @@ class RangeSearchGraft(Graft):
         return {}
 
     # -- generation
-    def make_cache(self) -> RangeSearchCache:
-        """A fresh `RangeSearchCache` for this model and graft (what ``generate`` gets by default)."""
+    def _state_options(self) -> tuple:
+        """(index_options, reservoir_size, seed, block_options) of the layer states (`RangeSearchLayerState`)."""
         c = self.config
         index_options = {"n_subspaces": c.n_subspaces, "leaf_size": c.leaf_size, "fanout": c.fanout,
                          "block_size": c.block_size}
@@ -427,11 +440,21 @@ class RangeSearchGraft(Graft):
             "window": c.window, "n_sink": c.n_sink,
             "outlier_norm": math.inf if c.outlier_norm is None else c.outlier_norm,
             "bounds": c.mode == "certified"}
-        return RangeSearchCache(self.base_model.config, self.layer_indices, index_options, reservoir, c.seed,
-                                block_options)
+        return index_options, reservoir, c.seed, block_options
+
+    def make_cache_state(self) -> RangeSearchCacheState:
+        return RangeSearchCacheState(self.layer_indices, *self._state_options())
+
+    def full_key_layers(self) -> set[int]:
+        return set(self.layer_indices)
+
+    def make_cache(self) -> RangeSearchCache:
+        """A fresh `RangeSearchCache` for this model and graft alone."""
+        return RangeSearchCache(self.base_model.config, self.layer_indices, *self._state_options())
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Supply `make_cache()` as the cache unless the caller passed a cache or disabled caching."""
+        """Supply `make_cache()` as the cache unless the caller (or `GraftModel.generate`) passed a cache or
+        disabled caching."""
         if cache_from_kwargs(kwargs) is None and kwargs.get("use_cache", True) is not False:
             return {**with_cache(kwargs, self.make_cache()), "use_cache": True}
         return kwargs
@@ -444,23 +467,23 @@ class RangeSearchGraft(Graft):
         decode = (self.active and layer_idx in self._grafted and query.shape[2] == 1
                   and key.shape[2] >= max(2, self.config.min_keys))
         cache = self._caches.get(layer_idx) if decode else None
-        if decode and not (isinstance(cache, RangeSearchCache) and layer_idx in cache.range_search):
+        state = state_of(cache, STATE_KEY) if decode else None
+        if decode and (state is None or layer_idx not in state.layers):
             self._warn_foreign_cache(cache)
             decode = False
         if not decode:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+            dense = self._delegate if layer_idx not in self._grafted else sdpa_attention_forward
+            return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = self._decode(layer_idx, cache.range_search[layer_idx], query[:, :, 0], key, value,
-                           attention_mask, scale)
+        out = self._decode(layer_idx, state.layers[layer_idx], query[:, :, 0], key, value, attention_mask, scale)
         return out.to(query.dtype).unsqueeze(1), None
 
     def _warn_foreign_cache(self, cache) -> None:
         if not self._warned_foreign_cache:
             self._warned_foreign_cache = True
             warnings.warn(
-                f"range-search graft: decode with a {type(cache).__name__} instead of a RangeSearchCache stays "
-                "dense; use GraftModel.generate without a cache, or pass graft.make_cache()",
+                f"range-search graft: decode with a {type(cache).__name__} holding no range-search state stays "
+                "dense; use GraftModel.generate without a cache, or pass graft_model.make_cache()",
                 stacklevel=3,
             )
 

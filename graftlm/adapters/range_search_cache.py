@@ -1,7 +1,7 @@
-"""The range-search graft's generation state: `RangeSearchCache`, a transformers ``DynamicCache`` whose
-grafted layers also hold a halfspace index over their keys (METHODS.md section 4).
+"""The range-search graft's generation state (METHODS.md section 4): `RangeSearchCacheState`, its part of a
+`GraftCache` (a halfspace index over each grafted layer's keys), and the `RangeSearchCache` that holds only it.
 
-Per grafted layer the cache holds a `RangeSearchLayerState`:
+Per grafted layer the state holds a `RangeSearchLayerState`:
 
     index      exact mode: RangeSearchIndex over the layer's keys [B, H_kv, N, D] (product-ball tree per
                kv head); block and certified modes: BlockIndex (keys in contiguous blocks with statistics)
@@ -26,9 +26,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
+from graftlm.adapters.graft_cache import GraftCache, GraftState
 from graftlm.kernels.range_search import BlockIndex, DenseSchedule, KeyReservoir, RangeSearchIndex
+
+STATE_KEY = "range_search"  # the graft's key in GraftCache.graft_states (its graft type)
 
 
 class RangeSearchLayerState:
@@ -95,11 +97,44 @@ class RangeSearchLayerState:
         return total
 
 
-class RangeSearchCache(DynamicCache):
-    """A ``DynamicCache`` whose grafted layers also keep a `RangeSearchLayerState` (``range_search[i]``).
+class RangeSearchCacheState(GraftState):
+    """The range-search graft's state in a `GraftCache`: ``layers[i]`` is grafted layer i's
+    `RangeSearchLayerState`. Every rewrite of the cache's past (reorder, select, repeat, crop, reset) drops
+    the layer states; the next decode step rebuilds them from the keys, so they never go stale."""
 
-    The key/value layers are the base model's own (full or sliding, from its config); only full-attention
-    layers are ever grafted. Built by ``RangeSearchGraft.make_cache()`` and supplied to ``generate``.
+    def __init__(self, grafted_layers: Iterable[int], index_options: dict[str, Any] | None = None,
+                 reservoir_size: int | None = None, seed: int = 0,
+                 block_options: dict[str, Any] | None = None) -> None:
+        self._state_args = (dict(index_options or {}), reservoir_size, seed, block_options)
+        self.layers: dict[int, RangeSearchLayerState] = {i: self._new_state() for i in grafted_layers}
+
+    def _new_state(self) -> RangeSearchLayerState:
+        return RangeSearchLayerState(*self._state_args)
+
+    def _drop_indexes(self) -> None:
+        for layer_idx in self.layers:
+            self.layers[layer_idx] = self._new_state()
+
+    def map_rows(self, fn) -> None:
+        self._drop_indexes()
+
+    def crop_to(self, length: int, removed: int) -> None:
+        if removed:
+            self._drop_indexes()
+
+    def reset(self) -> None:
+        self._drop_indexes()
+
+    def nbytes(self) -> int:
+        """Bytes held by every grafted layer's index and reservoir."""
+        return sum(state.memory_bytes() for state in self.layers.values())
+
+
+class RangeSearchCache(GraftCache):
+    """A `GraftCache` holding only a range-search graft's state (``range_search[i]``: grafted layer i's
+    `RangeSearchLayerState`). The key/value layers are the base model's own (full or sliding, from its config);
+    only full-attention layers are ever grafted. ``RangeSearchGraft.make_cache()`` builds one; a stack generates
+    with the one `GraftCache` of `GraftModel.make_cache`, which holds the same state.
     """
 
     def __init__(
@@ -111,42 +146,13 @@ class RangeSearchCache(DynamicCache):
         seed: int = 0,
         block_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(config=config)
-        self._state_args = (dict(index_options or {}), reservoir_size, seed, block_options)
-        self.range_search: dict[int, RangeSearchLayerState] = {i: self._new_state() for i in grafted_layers}
+        state = RangeSearchCacheState(grafted_layers, index_options, reservoir_size, seed, block_options)
+        super().__init__(config, {STATE_KEY: state})
 
-    def _new_state(self) -> RangeSearchLayerState:
-        return RangeSearchLayerState(*self._state_args)
-
-    def _drop_indexes(self) -> None:
-        for layer_idx in self.range_search:
-            self.range_search[layer_idx] = self._new_state()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._drop_indexes()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._drop_indexes()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._drop_indexes()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._drop_indexes()
-
-    def reset(self) -> None:
-        super().reset()
-        self._drop_indexes()
+    @property
+    def range_search(self) -> dict[int, RangeSearchLayerState]:
+        return self.graft_states[STATE_KEY].layers
 
     def index_bytes(self) -> int:
         """Bytes held by every grafted layer's index and reservoir."""
-        return sum(state.memory_bytes() for state in self.range_search.values())
-
-    def kv_bytes(self) -> int:
-        """Bytes of keys and values held by every layer."""
-        return sum(t.numel() * t.element_size() for layer in self.layers
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+        return self.graft_states[STATE_KEY].nbytes()

@@ -28,13 +28,16 @@ Forward modes (the recurrence runs through the pretrained FFN, so it can't be a 
 
 * ``two_pass`` (training default and default prefill): pass 1 is the model without the blend, no grad,
   recording every grafted layer's state; shifted one position these approximate the states; pass 2
-  runs with the blend and with grad. The approximation error is O(a^2).
+  runs with the blend and with grad. The approximation error is O(a^2). In a stack, pass 1 runs the other
+  grafts too (continuing a cache: on a deep copy of it, every graft's state included), so the states it
+  records are the stacked model's.
 * ``exact``: each grafted layer runs its FFN token by token, carrying the state (the recurrence above,
   exactly). Used for decode (one token), on request for prefill, and for tests.
 
-Generation: the state lives on the transformers ``Cache`` object the model is called with
-(attribute ``graftlm_sst``: layer -> [B, d]), beside the KV cache; decode is the exact recurrence.
-Beam search (cache reordering) is not supported.
+Generation: the states live in the `GraftCache` the model is called with (`SSTCacheState`: layer -> [B, d];
+on another transformers cache as its attribute ``graftlm_sst``, exact for greedy decoding only), beside the
+KV cache; decode is the exact recurrence. Beam search reorders the states; crop needs past recording
+(`SSTCacheState`).
 
 dtypes (`graftlm.dtype_policy`): the blend weights and gates are float32; the blend is computed in
 float32 and handed to the FFN in the base's dtype; the states are FFN outputs, kept in the base's dtype.
@@ -53,12 +56,13 @@ from torch import nn
 
 from graftlm.adapters.config import GraftConfig
 from graftlm.adapters.graft import Graft
+from graftlm.adapters.graft_cache import GraftState, missing_state_error, state_of
 from graftlm.adapters.lora import DEFAULT_TARGET_MODULES
 from graftlm.adapters.registry import register_graft
 from graftlm.dtype_policy import to_base, to_graft
-from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
+from graftlm.patches.cache_kwarg import cache_from_kwargs, cache_from_output, with_cache
 
-CACHE_ATTRIBUTE = "graftlm_sst"
+STATE_KEY = "sst"  # the graft's key in GraftCache.graft_states (its graft type)
 
 
 @dataclass
@@ -117,17 +121,90 @@ class SSTConfig(GraftConfig):
 class _Run:
     """What one top-level forward does in the hooks: mode, per-layer states, recorded states."""
 
-    def __init__(self, mode: str, token_mask: torch.Tensor | None, cache: Any = None,
+    def __init__(self, mode: str, token_mask: torch.Tensor | None, cache_state: SSTCacheState | None = None,
                  initial: dict[int, torch.Tensor] | None = None, states: dict[int, torch.Tensor] | None = None,
                  coefficients: torch.Tensor | None = None):
         self.mode = mode  # "record" | "provided" | "sequential"
         self.coefficients = coefficients  # c [L_g, d] computed once (no-grad forwards), else None
         self.token_mask = token_mask  # [B, T] float, 1 at real tokens
-        self.cache = cache
+        self.cache_state = cache_state  # the generation cache's SST state, updated after the forward
+        self.stored = False  # the states went to the cache (once: a checkpointing recompute stores nothing)
         self.initial = initial or {}  # layer -> [B, d] state before the first position
         self.states = states or {}  # layer -> [B, T, d] shifted states ("provided")
         self.recorded: dict[int, torch.Tensor] = {}  # layer -> [B, T, d] ("record") or [B, d] (last position)
+        self.chunk_states: dict[int, torch.Tensor] | None = None  # layer -> [B, T, d], kept for a recording cache
         self.residual_in: dict[int, torch.Tensor] = {}
+
+
+class SSTCacheState(GraftState):
+    """SST's state in a `GraftCache` (or, as ``graftlm_sst``, on another cache: `state_of`).
+
+    ``states``: layer -> the state [B, d] carried out of the last position (0 at padding). While past
+    recording is on (`activate_past_recording`: transformers' assisted decoding, SST deliberation)
+    ``history`` also keeps layer -> [B, K, d], the states carried out of positions ``start`` ..
+    ``start + K - 1``, so `crop_to` can go back to any of them; without it a crop is refused (the last
+    state alone can't give an earlier one back). Every crop trims the history to the new last state, as
+    transformers trims a recording linear-attention layer (a crop never goes back past an earlier one).
+    """
+
+    def __init__(self) -> None:
+        self.states: dict[int, torch.Tensor] = {}
+        self.history: dict[int, torch.Tensor] | None = None
+        self.start = 0
+
+    def update(self, states: dict[int, torch.Tensor], chunk_states: dict[int, torch.Tensor] | None) -> None:
+        """After a forward: the last position's states, and (recording) every position's [B, T, d]."""
+        self.states = dict(states)
+        if self.history is not None and chunk_states is not None:
+            self.history = {layer: torch.cat([self.history[layer], chunk], dim=1) if layer in self.history else chunk
+                            for layer, chunk in chunk_states.items()}
+
+    @property
+    def recording(self) -> bool:
+        return self.history is not None
+
+    def map_rows(self, fn) -> None:
+        self.states = {layer: fn(state) for layer, state in self.states.items()}
+        if self.history is not None:
+            self.history = {layer: fn(states) for layer, states in self.history.items()}
+
+    def activate_past_recording(self, length: int) -> None:
+        if self.history is None:
+            self.history = {layer: state[:, None] for layer, state in self.states.items()}
+            self.start = length - 1 if self.states else length
+
+    def deactivate_past_recording(self) -> None:
+        self.history, self.start = None, 0
+
+    def crop_refusal(self, length: int) -> str | None:
+        if not self.states:
+            return None
+        if self.history is None:
+            return ("SST keeps only the last position's state; call cache.activate_past_recording() before the "
+                    "tokens to be cropped (transformers does for assisted decoding)")
+        if length > 0 and length - 1 < self.start:
+            return f"SST recorded its states from position {self.start} on, not back to position {length - 1}"
+        return None
+
+    def crop_to(self, length: int, removed: int) -> None:
+        if self.history is None:
+            return
+        if length == 0:
+            self.states, self.history, self.start = {}, {}, 0
+            return
+        at = length - 1 - self.start
+        self.states = {layer: states[:, at] for layer, states in self.history.items()}
+        self.history = {layer: states[:, at:at + 1] for layer, states in self.history.items()}
+        self.start = length - 1
+
+    def reset(self) -> None:
+        self.states, self.start = {}, 0
+        if self.history is not None:
+            self.history = {}
+
+    def nbytes(self) -> int:
+        tensors = list(self.states.values()) + list((self.history or {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def fold_unit(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +217,6 @@ def fold_unit(x: torch.Tensor) -> torch.Tensor:
 class SSTGraft(Graft):
     """Blend coordinates ``blend_unfolded`` [L_g, d], gate coordinates ``gate_unfolded`` [L_g], and a halting
     probe (buffers). The run log gets per-layer gate, blend and gradient statistics (`training_statistics`)."""
-
-    supports_beam_search = False  # the states on the cache are not reordered with the beams
 
     def __init__(self, config: SSTConfig, base_model: nn.Module, patch):
         super().__init__(config, base_model, patch)
@@ -237,13 +312,16 @@ class SSTGraft(Graft):
         batch, length = reference.shape[:2]
         token_mask = _token_mask(kwargs.get("attention_mask"), batch, length, reference.device)
         cache = cache_from_kwargs(kwargs)
-        initial = getattr(cache, CACHE_ATTRIBUTE, None) or {}
+        state = state_of(cache, STATE_KEY, make=SSTCacheState)
+        if cache is not None and state is None:
+            raise missing_state_error("SST", cache)
+        initial = state.states if state is not None else {}
         mode = self.config.train_mode if module.training else self.config.prefill_mode
         # Without grad (decode, evaluation) c is computed once per forward, not once per layer; with grad it
         # is computed inside each layer's hook, where gradient checkpointing's recomputation finds it.
         coefficients = None if torch.is_grad_enabled() else self.blend_coefficients()
         if length == 1 or mode == "exact":
-            self._run = _Run("sequential", token_mask, cache, initial, coefficients=coefficients)
+            self._run = _Run("sequential", token_mask, state, initial, coefficients=coefficients)
             return
         recorded = self._first_pass(module, kwargs, input_ids, embeds, cache)
         states = {}
@@ -255,7 +333,7 @@ class SSTGraft(Graft):
             first = initial.get(layer_index)
             first = torch.zeros_like(source[:, 0]) if first is None else first.to(source.dtype)
             states[layer_index] = torch.cat([first[:, None], source[:, :-1]], dim=1)
-        self._run = _Run("provided", token_mask, cache, initial, states, coefficients)
+        self._run = _Run("provided", token_mask, state, initial, states, coefficients)
         return
 
     def _first_pass(self, module, kwargs, input_ids, embeds, cache) -> dict[int, torch.Tensor]:
@@ -277,13 +355,17 @@ class SSTGraft(Graft):
         return record.recorded
 
     def _after_model(self, module, args, kwargs, output):
-        """Store the last position's states on the cache. The run stays current until the next forward:
-        gradient checkpointing re-runs the layer hooks during backward and must see the same states."""
+        """Store the last position's states in the cache's `SSTCacheState`. The run stays current until the next
+        forward: gradient checkpointing re-runs the layer hooks during backward and must see the same states."""
         run = self._run
-        if self._internal or run is None or run.cache is None:
+        if self._internal or run is None or run.stored:
             return
-        setattr(run.cache, CACHE_ATTRIBUTE, dict(run.recorded))
-        run.cache = None
+        state = run.cache_state
+        if state is None:  # the model made a cache of its own (use_cache): the states ride on it (`state_of`)
+            state = state_of(cache_from_output(output), STATE_KEY, make=SSTCacheState)
+        if state is not None:
+            state.update(run.recorded, run.chunk_states)
+        run.stored = True
         return
 
     # -- per-layer hooks -----------------------------------------------------------------------------
@@ -348,8 +430,13 @@ class SSTGraft(Graft):
                 state = run.residual_in[layer_index] + output
             if run.mode == "record":
                 run.recorded[layer_index] = (state * run.token_mask.to(state.dtype)[..., None]).detach()
-            else:  # only the last position's state is carried on
-                run.recorded[layer_index] = state[:, -1] * run.token_mask[:, -1:].to(state.dtype)
+                return
+            # only the last position's state is carried on; a recording cache keeps every position's
+            run.recorded[layer_index] = state[:, -1] * run.token_mask[:, -1:].to(state.dtype)
+            if not run.stored and run.cache_state is not None and run.cache_state.recording:
+                if run.chunk_states is None:
+                    run.chunk_states = {}
+                run.chunk_states[layer_index] = state * run.token_mask.to(state.dtype)[..., None]
             return
 
         return hook
@@ -358,11 +445,22 @@ class SSTGraft(Graft):
     @staticmethod
     def cache_states(cache) -> dict[int, torch.Tensor]:
         """Per grafted layer: the state [B, d] carried into the next position."""
-        return dict(getattr(cache, CACHE_ATTRIBUTE, None) or {})
+        state = state_of(cache, STATE_KEY)
+        return dict(state.states) if state is not None else {}
 
     @staticmethod
     def set_cache_states(cache, states: dict[int, torch.Tensor]) -> None:
-        setattr(cache, CACHE_ATTRIBUTE, dict(states))
+        """Replace the states carried into the next position (deliberation repeats a position with them)."""
+        state = state_of(cache, STATE_KEY, make=SSTCacheState)
+        if state is None:
+            raise missing_state_error("SST", cache)
+        state.states = dict(states)
+        if state.history is not None:  # the repeated position's recorded state is the one set here
+            state.history = {layer: torch.cat([h[:, :-1], states[layer][:, None]], dim=1) if layer in states else h
+                             for layer, h in state.history.items()}
+
+    def make_cache_state(self) -> SSTCacheState:
+        return SSTCacheState()
 
     @contextmanager
     def forward_mode(self, mode: Literal["two_pass", "exact"]):

@@ -96,11 +96,9 @@ def generate_at_depths(
 
 
 def _prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
-    """The generation cache after every prompt token but the last (KV entries and SST states)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    cache.activate_past_recording()  # sliding-window layers (Gemma 3) must be able to crop the repeated entry
+    """The generation cache after every prompt token but the last (KV entries and every graft's state)."""
+    cache = model.make_cache()
+    cache.activate_past_recording()  # sliding-window layers (Gemma 3) and states must be able to crop the repeat
     if input_ids.shape[1] > 1:
         model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], **with_cache({}, cache), use_cache=True,
               position_ids=_positions(mask)[:, :-1])
@@ -147,10 +145,7 @@ def _deliberate_and_decode(model, cache, input_ids: torch.Tensor, mask: torch.Te
         entry_states = inputs
         carried = states
     graft.set_cache_states(cache, final_states)
-    for layer in cache.layers:
-        if getattr(layer, "record_past", False):
-            layer.crop(0)  # deliberation is over: trim sliding-window layers back to their window
-            layer.record_past = False
+    cache.deactivate_past_recording()  # deliberation is over: trim sliding-window layers back to their window
 
     generated = [final_logits.argmax(-1, keepdim=True)]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
