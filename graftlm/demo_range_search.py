@@ -39,6 +39,7 @@ def compare_range_search(base_model, tokenizer, context_tokens: int = 2048, new_
     from graftlm import attach_adapter
     from graftlm.adapters.range_search import RangeSearchConfig
     from graftlm.eval.needle import corpus_words
+    from graftlm.patches.cache_kwarg import with_cache
 
     words, _ = corpus_words(min_words=2 * context_tokens)
     text = " ".join(words[: 2 * context_tokens])
@@ -55,7 +56,7 @@ def compare_range_search(base_model, tokenizer, context_tokens: int = 2048, new_
 
     fast = attach_adapter(base_model, RangeSearchConfig(**config), adapter_name="range")
     cache = fast.grafts["range"].make_cache()
-    range_s, range_ids = _decode_seconds_per_token(fast, ids, new_tokens, past_key_values=cache)
+    range_s, range_ids = _decode_seconds_per_token(fast, ids, new_tokens, **with_cache({}, cache))
     fast.detach()
     schedules = [s.schedule for s in cache.range_search.values() if s.schedule is not None]
     planned = sum(s.n_planned for s in schedules) / max(1, sum(s.n_planned + s.n_dense for s in schedules))
