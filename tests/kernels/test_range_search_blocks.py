@@ -29,6 +29,7 @@ from graftlm.kernels.range_search import (
     triton_available,
 )
 from graftlm.kernels.range_search.block_attention import EXP_FLOOR, softmax
+from graftlm.kernels.range_search.index import _pca_tree_order_segments, pca_tree_order
 
 HEAD_SHAPES = {"smollm2": (3, 9, 64), "gemma3": (1, 4, 32)}  # (H_kv, H_q, D), Gemma's head dim shrunk
 
@@ -87,6 +88,19 @@ def test_blocks_hold_every_flushed_key_once_and_the_tail_the_rest(n):
             for sink in range(first_real, first_real + 2):
                 block = (index.positions[r] == sink).any(-1).nonzero().item()
                 assert index.forced[r, block]
+
+
+@pytest.mark.parametrize("g,n,d", [(3, 1024, 64), (2, 256, 17), (1, 64, 256)])
+def test_pca_tree_order_on_equal_segments_matches_the_general_path(g, n, d):
+    """The block index's fast path (n_leaves divides n: views instead of scatter-adds) splits exactly as
+    the general path, on spread keys and on degenerate ones (duplicates, zeros)."""
+    x = torch.randn(g, n, d, generator=torch.Generator().manual_seed(n + d))
+    x[0, : n // 4] = x[0, 0]  # duplicates
+    x[-1, n // 2:] = 0.0  # zeros
+    order, n_leaves = pca_tree_order(x, 16)
+    assert n % n_leaves == 0
+    assert torch.equal(order, _pca_tree_order_segments(x, n_leaves, 4))
+    assert torch.equal(order.sort(1).values, torch.arange(n).expand(g, n))
 
 
 def test_sync_follows_a_growing_cache_like_a_rebuild():

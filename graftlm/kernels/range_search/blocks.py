@@ -149,12 +149,15 @@ class BlockIndex:
             return
         sizes = chunk_sizes(ready, self.flush_keys, self.cluster_keys) if self.n_blocked == 0 else \
             [self.flush_keys] * (ready // self.flush_keys)
+        chunks = []
         for size in sizes:
-            self._add_chunk(keys, values, key_mask, self.n_blocked, size)
+            chunks.append(self._chunk_blocks(keys, values, key_mask, self.n_blocked, size))
             self.n_blocked += size
+        self._append_blocks(chunks)
         self._refresh_forced_list()
 
-    def _add_chunk(self, keys, values, key_mask, start: int, size: int) -> None:
+    def _chunk_blocks(self, keys, values, key_mask, start: int, size: int) -> dict[str, torch.Tensor]:
+        """The blocks of cache positions [start, start + size): each field of the store for this chunk."""
         b, h, _, d = keys.shape
         g, bs = b * h, self.block_keys
         k = keys[:, :, start:start + size].reshape(g, size, d)
@@ -185,15 +188,17 @@ class BlockIndex:
         est, box = self._block_stats(kb.float(), valid)
         for stats in (est, box) if box is not None else (est,):
             stats[..., -1].masked_fill_(forced, NO_MASS)  # forced blocks are attended exactly, never selected
-        self.keys = torch.cat([self.keys, kb.detach()], 1)
-        self.values = torch.cat([self.values, vb.detach()], 1)
-        self.valid = torch.cat([self.valid, valid], 1)
-        self.positions = torch.cat([self.positions, torch.where(valid, pos, -1)], 1)
-        self.est_stats = torch.cat([self.est_stats, est], 1)
+        chunk = {"keys": kb.detach(), "values": vb.detach(), "valid": valid, "positions": torch.where(valid, pos, -1),
+                 "est_stats": est, "forced": forced}
         if self.bounds:
-            self.box_stats = torch.cat([self.box_stats, box], 1)
-        self.forced = torch.cat([self.forced, forced], 1)
-        self.n_flushes += 1
+            chunk["box_stats"] = box
+        return chunk
+
+    def _append_blocks(self, chunks: list[dict[str, torch.Tensor]]) -> None:
+        """Append the chunks' blocks to the store: one concatenation per field, however many chunks."""
+        for name in chunks[0]:
+            setattr(self, name, torch.cat([getattr(self, name)] + [c[name] for c in chunks], 1))
+        self.n_flushes += len(chunks)
 
     def _block_stats(self, kb: torch.Tensor, valid: torch.Tensor):
         """(c, s^2, log n) and, with bounds, (hi, -lo, max|.|, log n) of each block over its valid slots."""

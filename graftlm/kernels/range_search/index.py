@@ -90,8 +90,18 @@ def pca_tree_order(x: torch.Tensor, leaf_size: int, power_iters: int = 4) -> tup
     segment boundaries are j * n // 2^level, so segments of the same level differ by at most one key
     and each level refines the previous one. Degenerate segments (duplicates, zeros) keep their order.
     """
-    g, n, d = x.shape
+    n = x.shape[1]
     n_leaves = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n / leaf_size)))))
+    if n % n_leaves == 0:
+        return _pca_tree_order_equal(x, n_leaves, power_iters), n_leaves
+    return _pca_tree_order_segments(x, n_leaves, power_iters), n_leaves
+
+
+def _pca_tree_order_segments(x: torch.Tensor, n_leaves: int, power_iters: int) -> torch.Tensor:
+    """`pca_tree_order` for any n: segments of unequal size, summed by scatter-adds over segment ids.
+
+    x [G, n, D] -> order [G, n]."""
+    g, n, d = x.shape
     order = torch.arange(n, device=x.device).expand(g, n).contiguous()
     init = torch.linspace(1.0, 2.0, d, device=x.device)
     for level in range(int(math.log2(n_leaves))):
@@ -110,7 +120,31 @@ def pca_tree_order(x: torch.Tensor, leaf_size: int, power_iters: int = 4) -> tup
         by_value = proj.argsort(dim=1, stable=True)
         by_segment = seg[by_value].argsort(dim=1, stable=True)
         order = order.gather(1, by_value.gather(1, by_segment))
-    return order, n_leaves
+    return order
+
+
+def _pca_tree_order_equal(x: torch.Tensor, n_leaves: int, power_iters: int) -> torch.Tensor:
+    """`pca_tree_order` when n_leaves divides n (the block index's chunks): every segment of a level has
+    n / 2^level keys, so a level is a view [G, S, n / S, D], reduced along its key axis instead of by
+    scatter-adds over segment ids. The same splits as `_pca_tree_order_segments` up to float summation
+    order (tests/kernels/test_range_search_blocks.py compares the two).
+
+    x [G, n, D] -> order [G, n]."""
+    g, n, d = x.shape
+    order = torch.arange(n, device=x.device).expand(g, n).contiguous()
+    init = torch.linspace(1.0, 2.0, d, device=x.device, dtype=x.dtype)
+    for level in range(int(math.log2(n_leaves))):
+        n_seg = 1 << level
+        xs = x.gather(1, order.unsqueeze(-1).expand(g, n, d)).view(g, n_seg, n // n_seg, d)
+        xc = xs - xs.mean(2, keepdim=True)
+        v = init.expand(g, n_seg, 1, d)
+        for _ in range(power_iters):  # v <- X_c^T X_c v, one power step on each segment's scatter matrix
+            v = (xc * (xc * v).sum(-1, keepdim=True)).sum(2, keepdim=True)  # [G, S, 1, D]
+            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=1e-30)
+        proj = torch.nan_to_num((xc * v).sum(-1), nan=0.0, posinf=0.0, neginf=0.0)  # [G, S, n / S]
+        within = proj.argsort(dim=2, stable=True) + (torch.arange(n_seg, device=x.device) * (n // n_seg))[:, None]
+        order = order.gather(1, within.view(g, n))
+    return order
 
 
 def _inflate(radius: torch.Tensor, centre_norm: torch.Tensor, eps: float) -> torch.Tensor:
