@@ -47,7 +47,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from range_search_captures import QUERIES_PER_LENGTH, QUERY_STRIDE, benchmark_lengths, load_capture
+from range_search_captures import (
+    CAPTURE_TOKENS,
+    QUERIES_PER_LENGTH,
+    QUERY_STRIDE,
+    benchmark_lengths,
+    load_capture,
+)
 
 from graftlm.adapters.range_search import (
     RangeSearchConfig,
@@ -67,7 +73,6 @@ from graftlm.kernels.range_search import (
 from graftlm.kernels.range_search.block_attention import add_blocks, exact_part
 from graftlm.kernels.range_search.index import pca_tree_order
 
-CAPTURE_TOKENS = {"smollm2-135m": 8192, "gemma-3-270m": 32768}
 TIMING_LAYERS = {"smollm2-135m": [2, 15, 27], "gemma-3-270m": [5, 11, 17]}
 N_SINK, WINDOW, FLUSH = 4, 256, 256
 EXACT_BUDGET = 0.05

@@ -31,21 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from range_search_captures import load_capture
+from range_search_captures import CAPTURE_TOKENS, load_capture
 
-from graftlm.adapters.range_search import RangeSearchConfig
+from graftlm.adapters.range_search import RangeSearchConfig, block_index_options
 from graftlm.kernels.range_search import BlockIndex, dense_rows
 from graftlm.kernels.range_search.blocks import chunk_sizes
 from graftlm.kernels.range_search.index import _pca_tree_order_segments, pca_tree_order
 
-CAPTURE_TOKENS = {"smollm2-135m": 8192, "gemma-3-270m": 32768}
 DEFAULT_LENGTHS = {"smollm2-135m": [7500], "gemma-3-270m": [8192, 32768]}
-
-
-def block_options(config: RangeSearchConfig) -> dict:
-    return {"block_keys": config.block_keys, "flush_keys": config.block_size, "cluster_keys": config.cluster_keys,
-            "window": config.window, "n_sink": config.n_sink,
-            "outlier_norm": float("inf") if config.outlier_norm is None else config.outlier_norm}
 
 
 def timed(fn, arg) -> float:
@@ -58,7 +51,7 @@ def measure(model: str, length: int, repeats: int) -> dict:
     """Median ms over interleaved rounds: the full build, the PCA ordering by both paths, one dense step;
     each summed over the captured layers."""
     data = load_capture(model, CAPTURE_TOKENS[model])
-    options = block_options(RangeSearchConfig())
+    options = block_index_options(RangeSearchConfig())
     layers = data["layers"]
     caches = {i: (data["keys"][i][:, :, :length].contiguous(), data["values"][i][:, :, :length].contiguous())
               for i in layers}

@@ -37,6 +37,7 @@ PY_SOURCES = (
     "functools.py", "collections/__init__.py", "email/message.py", "http/client.py", "logging/__init__.py",
     "subprocess.py", "tarfile.py", "unittest/case.py", "asyncio/base_events.py",
 )
+CAPTURE_TOKENS = {"smollm2-135m": 8192, "gemma-3-270m": 32768}  # the capture length the benchmarks read, per model
 QUERIES_PER_LENGTH = 8
 QUERY_STRIDE = 64
 

@@ -281,6 +281,14 @@ def decode_key_mask(attention_mask: torch.Tensor | None, batch: int, n_keys: int
     return real.expand(batch, n_keys)  # kept even when all True: checking would be a host sync
 
 
+def block_index_options(config: RangeSearchConfig) -> dict[str, Any]:
+    """The `BlockIndex` options of a block- or certified-mode config (bounds only for the certified mode)."""
+    return {"block_keys": config.block_keys, "flush_keys": config.block_size, "cluster_keys": config.cluster_keys,
+            "window": config.window, "n_sink": config.n_sink,
+            "outlier_norm": math.inf if config.outlier_norm is None else config.outlier_norm,
+            "bounds": config.mode == "certified"}
+
+
 def forced_keys(key_mask: torch.Tensor | None, batch: int, n_keys: int, n_sink: int, n_window: int,
                 device: torch.device) -> torch.Tensor:
     """Keys attended whatever their score: [B, N] bool. Sinks are the first n_sink REAL keys of each row
@@ -435,11 +443,7 @@ class RangeSearchGraft(Graft):
                          "block_size": c.block_size}
         exact = c.mode == "exact"
         reservoir = c.reservoir_size if exact and c.threshold == "reservoir" and c.budget < 1.0 else None
-        block_options = None if exact else {
-            "block_keys": c.block_keys, "flush_keys": c.block_size, "cluster_keys": c.cluster_keys,
-            "window": c.window, "n_sink": c.n_sink,
-            "outlier_norm": math.inf if c.outlier_norm is None else c.outlier_norm,
-            "bounds": c.mode == "certified"}
+        block_options = None if exact else block_index_options(c)
         return index_options, reservoir, c.seed, block_options
 
     def make_cache_state(self) -> RangeSearchCacheState:
