@@ -207,7 +207,8 @@ def test_a_saved_stack_loads_by_hub_id_from_the_cache_with_the_hub_offline(tmp_p
         expected[family] = logits(model).flatten()
         model.save_pretrained(tmp_path / family)
         populate_hub_cache(tmp_path / "hub", f"someone/{family}-stack", tmp_path / family)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(torch.get_num_threads()),  # bit-exact logits need the same matmul split
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", LOAD_BY_HUB_ID, str(REPO / "tests")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, check=False)

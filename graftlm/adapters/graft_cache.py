@@ -118,8 +118,9 @@ class GraftCache(DynamicCache):
         for state in self.graft_states.values():
             state.reset()
 
-    def activate_past_recording(self) -> None:
-        super().activate_past_recording()
+    def activate_past_recording(self, **kwargs) -> None:
+        """``kwargs`` (transformers >= 5.25 passes ``recurrent_states_to_keep``) go to the DynamicCache."""
+        super().activate_past_recording(**kwargs)
         length = self.get_seq_length()
         for state in self.graft_states.values():
             state.activate_past_recording(length)

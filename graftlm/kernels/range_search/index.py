@@ -127,7 +127,7 @@ def _pca_tree_order_equal(x: torch.Tensor, n_leaves: int, power_iters: int) -> t
     """`pca_tree_order` when n_leaves divides n (the block index's chunks): every segment of a level has
     n / 2^level keys, so a level is a view [G, S, n / S, D], reduced along its key axis instead of by
     scatter-adds over segment ids. The same splits as `_pca_tree_order_segments` up to float summation
-    order (tests/kernels/test_range_search_blocks.py compares the two).
+    order (tests/kernel_tests/test_range_search_blocks.py compares the two).
 
     x [G, n, D] -> order [G, n]."""
     g, n, d = x.shape
