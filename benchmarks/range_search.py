@@ -26,6 +26,8 @@ full and then takes the dense fallback on every head, the worst case of "never s
 Beside them, the ordering study: to capture 99% / 95% of each head's true mass, the fraction of blocks a kv
 head reads (union over its query heads) in the order of the block's true mass (the oracle), of our log-mass
 estimate, of the box bound, and of the centroid score, on PCA-permuted and on positional blocks.
+The scheduled rows also give the suggested ``min_keys`` (`suggested_min_keys`): the smallest measured key
+count from which every scheduled mode stays within 1.1x of dense, to compare with the graft's `MIN_KEYS`.
 
     python3 benchmarks/range_search.py                          # both models, all lengths (long: ~1 h)
     python3 benchmarks/range_search.py --models gemma-3-270m --lengths 16384 32768
@@ -56,6 +58,7 @@ from range_search_captures import (
 )
 
 from graftlm.adapters.range_search import (
+    MIN_KEYS,
     RangeSearchConfig,
     default_dense_fallback,
     forced_keys,
@@ -261,6 +264,7 @@ def timing(capture: dict, length: int, layers: list[int], modes: list[str], reps
 
 SCHEDULED = ["block@0.99", "certified@0.01", "all-dense"]
 SCHEDULE_STEPS = 64
+WORST_SPEED = 1 / 1.1  # issue 19: a layer that cannot prune costs at most 1.1x dense attention
 
 
 def scheduled_run(state: LayerState, name: str, q: torch.Tensor, scale: float) -> int:
@@ -313,6 +317,25 @@ def scheduled_timing(capture: dict, length: int, layers: list[int], modes: list[
         out[m] = {"ms": ms, "speed_vs_dense_matmul": dense / ms, "interval": [lo, hi],
                   "planned_steps": statistics.fmean(planned[m])}
     return out
+
+
+def suggested_min_keys(report: dict) -> int | None:
+    """The smallest measured key count from which on (every longer measured length too, on every model) each
+    scheduled mode decodes at >= WORST_SPEED of the dense matmul (median): where the graft's ``min_keys``
+    should sit on this machine. None when even the longest length misses."""
+    speeds: dict[int, float] = {}
+    for rows in report["models"].values():
+        for length, row in rows.items():
+            for name in SCHEDULED:
+                if name in row.get("scheduled", {}):
+                    speed = row["scheduled"][name]["speed_vs_dense_matmul"]
+                    speeds[int(length)] = min(speeds.get(int(length), speed), speed)
+    suggested = None
+    for length in sorted(speeds, reverse=True):
+        if speeds[length] < WORST_SPEED:
+            break
+        suggested = length
+    return suggested
 
 
 def calibrate(capture: dict, length: int, layer: int, fractions: list[float], reps: int) -> dict:
@@ -422,15 +445,20 @@ def markdown(report: dict) -> str:
                        "decode steps of one layer (the graft's DenseSchedule: a plan that does not pay starts a dense "
                        "streak of 16, 32, 64 ... steps), vs as many steps of the grouped dense matmul, interleaved; "
                        "every step answers the same (last) query."), "",
-                  "| model | keys | mode | planned steps | ms / token | dense matmul ms | speed vs dense matmul |",
-                  "|---|---|---|---|---|---|---|"]
+                  ("| model | keys | mode | planned steps | ms / token | dense matmul ms | speed vs dense matmul | "
+                   f"graft at defaults (min_keys {report['min_keys']}) |"),
+                  "|---|---|---|---|---|---|---|---|"]
         for model, length, t in sched:
+            at_defaults = "this schedule" if int(length) >= report["min_keys"] else "the model's own attention"
             for m in SCHEDULED:
                 if m in t:
                     r = t[m]
                     lines.append(f"| {model} | {length} | {m} | {r['planned_steps']:.1f} of {t['steps']} | "
                                  f"{r['ms']:.2f} | {t['dense_matmul_ms']:.2f} | {r['speed_vs_dense_matmul']:.2f}x "
-                                 f"[{r['interval'][0]:.2f}, {r['interval'][1]:.2f}] |")
+                                 f"[{r['interval'][0]:.2f}, {r['interval'][1]:.2f}] | {at_defaults} |")
+        lines += ["", (f"Suggested min_keys on this machine: {report['suggested_min_keys']} (the smallest measured "
+                       f"key count from which every scheduled mode runs at >= {WORST_SPEED:.2f}x of the dense "
+                       "matmul, median; None: no measured length does).")]
     lines += ["", ("Ordering study: fraction of 16-key blocks a kv head reads (union over its query heads) to "
                    "capture the target of every head's true softmax mass (sinks + 256-key window always attended)."), ""]
     names = sorted({k for rows in report["models"].values() for r in rows.values() for k in r.get("ordering", {})})
@@ -482,6 +510,8 @@ def main(argv=None) -> None:
                     row["ordering"] = ordering(capture, length)
                 rows[length] = row
                 print(json.dumps({model: {length: {k: v for k, v in row.items() if k != "quality"}}}), flush=True)
+    report["min_keys"] = MIN_KEYS
+    report["suggested_min_keys"] = None if args.calibrate else suggested_min_keys(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if not args.calibrate:

@@ -368,6 +368,27 @@ def test_certified_mode_keeps_its_bound(family):
     assert all(r["mass_recall"] >= 1 - 0.2 - 1e-6 for r in log)  # the bound holds on the true mass
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_below_min_keys_the_graft_is_the_base_and_builds_no_index(family):
+    base = build_tiny_model(family)
+    dense_ids, dense_logits = greedy(base, LONG_PROMPT)
+    longest = LONG_PROMPT.shape[1] + NEW_TOKENS
+    model = attach_adapter(base, block_graft(min_keys=longest + 1))
+    cache = graft_of(model).make_cache()
+    ids, logits = greedy(model, LONG_PROMPT, past_key_values=cache)
+    assert torch.equal(ids, dense_ids) and torch.equal(logits, dense_logits)  # the same SDPA call
+    assert all(state.index is None and state.n_queries == 0 for state in cache.range_search.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_graft_takes_over_once_the_cache_reaches_min_keys(family):
+    model = attach_adapter(build_tiny_model(family), block_graft(min_keys=LONG_PROMPT.shape[1] + 5))
+    cache = graft_of(model).make_cache()
+    greedy(model, LONG_PROMPT, past_key_values=cache)
+    # decode step k (1..8) attends 90 + k keys: steps 5-8 reach min_keys = 95
+    assert all(state.n_queries == 4 and state.n_builds == 1 for state in cache.range_search.values())
+
+
 def test_a_layer_that_cannot_prune_backs_off_the_plan_and_stays_dense():
     base = build_tiny_model("llama")
     dense_ids, dense_logits = greedy(base, LONG_PROMPT)

@@ -54,7 +54,8 @@ Thresholds of the exact mode, per query head (``threshold``):
   may include padded positions (their keys are those of the pad token), which blurs that row's estimate.
 
 Sinks are the first ``n_sink`` real tokens of each row (left padding shifts them), the window is the
-last ``window`` positions. Decode steps with fewer than ``min_keys`` keys stay dense.
+last ``window`` positions. Decode steps with fewer than ``min_keys`` keys (default `MIN_KEYS`) run the
+model's own attention and build no index: below that length planning costs more than pruning saves.
 
 Dense fallback of the exact mode: the tree's top level alone bounds how many keys a head can get as
 candidates (`RangeSearchIndex.candidate_fraction`); above ``dense_fallback`` the head's range is found by
@@ -119,6 +120,12 @@ MODES = ("exact", "block", "certified")
 # and at 0.45-0.5 for Gemma 3's (D = 256, 1 kv head); the tree needs to prune about 90% to pay.
 EXACT_DENSE_FALLBACK = 0.1
 BLOCK_DENSE_FALLBACK = {64: 0.25, 256: 0.45}  # by head dim; other dims take the nearest
+# min_keys by default: on a quiet 2-core CPU, one layer decoded 64 steps through the plan-or-dense schedule (the
+# block and certified modes, and a layer that cannot prune) ran at 0.69x-1.11x of dense attention at 2k-4k keys,
+# 0.90x-1.15x at 8k and 0.96x-1.08x at 16k-32k (both checkpoints' real keys, three runs; the "suggested min_keys"
+# of `benchmarks/range_search.py`, RESULTS.md "Kernel level through the schedule"). SmolLM2's 8k context never
+# reaches it: there the graft at its defaults is the base.
+MIN_KEYS = 16384
 
 
 def default_dense_fallback(mode: str, head_dim: int) -> float:
@@ -219,7 +226,10 @@ class RangeSearchConfig(GraftConfig):
     n_sink: int = field(default=4, metadata={"help": "First real tokens of each row always attended.", "min": 0})
     window: int = field(default=256, metadata={"help": "Most recent positions always attended.", "min": 0})
     min_keys: int = field(
-        default=1024, metadata={"help": "Decode steps over fewer keys than this stay dense.", "min": 0}
+        default=MIN_KEYS,
+        metadata={"help": "Decode steps over fewer keys than this run the model's own attention (no plan, no "
+                          "index: the base exactly); the default is where planning stops costing more than it "
+                          "saves on a 2-core CPU (benchmarks/range_search.py, 'suggested min_keys').", "min": 0},
     )
     backend: str = field(
         default="auto",
