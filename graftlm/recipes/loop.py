@@ -84,8 +84,9 @@ def make_accelerator(settings: TrainSection):
     )
 
 
-def attach_grafts(model: nn.Module, recipe: Recipe) -> GraftModel:
-    """Attach every graft of the recipe; a graft that doesn't fit the model raises `RecipeError`."""
+def attach_grafts(model: nn.Module, recipe: Recipe, require_trainable: bool = True) -> GraftModel:
+    """Attach every graft of the recipe; a graft that doesn't fit the model raises `RecipeError`, and so do
+    grafts with no trainable parameter when ``require_trainable`` (training them would do nothing)."""
     graft_model = model
     for spec in recipe.grafts:
         try:
@@ -94,7 +95,7 @@ def attach_grafts(model: nn.Module, recipe: Recipe) -> GraftModel:
             raise RecipeError(
                 f"graft {spec.adapter_name!r} (type {spec.type!r}) does not fit model {recipe.model.name!r}: {err}"
             ) from err
-    if not any(True for _ in graft_model.graft_parameters()):
+    if require_trainable and not any(True for _ in graft_model.graft_parameters()):
         raise RecipeError("graft: the recipe's grafts have no trainable parameters")
     return graft_model
 

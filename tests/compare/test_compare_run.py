@@ -162,3 +162,20 @@ def test_no_progress_hides_the_training_bar_too(tiny_dir, tmp_path, capsys):
     raw["systems"], raw["reference"], raw["pairs"] = raw["systems"][1:2], "LoRA r=2", []
     run_compare(build_compare_spec(raw), progress=False)
     assert "train:" not in capsys.readouterr().err
+
+
+def test_an_untrained_system_may_have_no_parameters_but_a_trained_one_may_not(tiny_dir, tmp_path):
+    """The window-only Echo (echo_branch false) has nothing to train: scored as an untrained system it is the
+    windowed base; asked to train, the run stops with the reason instead of doing nothing."""
+    window_only = {"type": "echo", "mode": "replace", "echo_branch": False, "chunk_size": 4, "window": 4}
+    raw = spec_raw(tiny_dir, tmp_path / "out")
+    raw["systems"] = [{"name": "frozen base"}, {"name": "window only", "graft": window_only, "untrained": True}]
+    raw["reference"], raw["pairs"] = "frozen base", []
+    spec = build_compare_spec(raw)
+    report = run_compare(spec, progress=False)
+    record = {r["system"]: r for r in report["records"]}["window only"]
+    assert record["trainable_params"] == 0 and record["training"] is None
+    assert len(record["evals"][spec.evals[0].name]["correct"]) == 6
+    raw["systems"][1] = {"name": "window only", "graft": window_only}
+    with pytest.raises(RecipeError, match="no trainable parameters"):
+        run_compare(build_compare_spec(raw), progress=False)
