@@ -62,7 +62,7 @@ def trainable_count(spec: CompareSpec, system: SystemSpec, base) -> int:
     """The trainable-parameter count of ``system``'s grafts on ``base`` (attached, counted, detached)."""
     from graftlm.recipes.loop import attach_grafts
 
-    graft_model = attach_grafts(base, spec.recipe(system, spec.seeds[0], "unused"), require_trainable=False)
+    graft_model = attach_grafts(base, spec.recipe(system, spec.seeds[0], "unused"))
     try:
         return sum(p.numel() for p in graft_model.graft_parameters())
     finally:
@@ -137,7 +137,7 @@ def run_system(spec: CompareSpec, system: SystemSpec, seed: int | None, eval_set
     elif system.untrained:
         from graftlm.recipes.loop import attach_grafts
 
-        model = attach_grafts(base, spec.recipe(system, spec.seeds[0], out / "run"), require_trainable=False)
+        model = attach_grafts(base, spec.recipe(system, spec.seeds[0], out / "run"))
         record["grafts"] = system.grafts
         record["trainable_params"] = sum(p.numel() for p in model.graft_parameters())
     elif system.trained:

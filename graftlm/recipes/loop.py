@@ -84,9 +84,8 @@ def make_accelerator(settings: TrainSection):
     )
 
 
-def attach_grafts(model: nn.Module, recipe: Recipe, require_trainable: bool = True) -> GraftModel:
-    """Attach every graft of the recipe; a graft that doesn't fit the model raises `RecipeError`, and so do
-    grafts with no trainable parameter when ``require_trainable`` (training them would do nothing)."""
+def attach_grafts(model: nn.Module, recipe: Recipe) -> GraftModel:
+    """Attach every graft of the recipe; a graft that doesn't fit the model raises `RecipeError`."""
     graft_model = model
     for spec in recipe.grafts:
         try:
@@ -95,8 +94,6 @@ def attach_grafts(model: nn.Module, recipe: Recipe, require_trainable: bool = Tr
             raise RecipeError(
                 f"graft {spec.adapter_name!r} (type {spec.type!r}) does not fit model {recipe.model.name!r}: {err}"
             ) from err
-    if require_trainable and not any(True for _ in graft_model.graft_parameters()):
-        raise RecipeError("graft: the recipe's grafts have no trainable parameters")
     return graft_model
 
 
@@ -258,6 +255,8 @@ def train(
         eval_set = tokenize_data(as_training_texts(eval_examples, answer_end), tokenizer, recipe, "held-out set")
     set_seed(settings.seed)
     graft_model = attach_grafts(model, recipe)
+    if not any(True for _ in graft_model.graft_parameters()):
+        raise RecipeError("graft: the recipe's grafts have no trainable parameters")
     plan = BatchPlan(len(train_set), settings.batch_size, accelerator.num_processes, accelerator.process_index,
                      settings.seed)
     steps = total_steps(settings, plan)
