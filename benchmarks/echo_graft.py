@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--sink-tokens", type=int, default=EchoConfig.sink_tokens,
+                        help="first tokens the window layers keep (EchoConfig.sink_tokens)")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
                      "decode_ms_per_token": 1e3 * per_token, **cache_bytes(cache, replaced)})
 
     config = EchoConfig(mode="replace", target_layers=replaced, window=args.window, chunk_size=args.chunk_size,
-                        rank=args.rank)
+                        rank=args.rank, sink_tokens=args.sink_tokens)
     model = attach_adapter(base, config)
     graft = model.grafts["default"]
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Which attention layers are least replaceable by a local window (issue 15, criterion 1): measured, forward only.
 
     python3 benchmarks/echo_layer_choice.py [--model smollm2-135m] [--block-length 2048] [--blocks 6]
-                                            [--window 64] [--keep-sizes 2 3 4] [--out out/echo_layer_choice]
+                                            [--window 64] [--keep-sizes 2 3 4] [--candidates all|full]
+                                            [--out out/echo_layer_choice]
 
 On held-out real text (the licence texts of /usr/share/common-licenses, Jules Verne's "In the Year 2889"
 shipped by reasoning_gym, and the sources of Python's ``email``, ``http``, ``urllib`` and ``asyncio``
@@ -16,6 +17,9 @@ cut into ``--blocks`` blocks of ``--block-length`` tokens spread evenly over the
    distance >= window (mean over heads and over the queries that have such keys), from one eager forward.
 3. **All but the kept layers** replaced by the window, for the ``k`` costliest layers of (1) kept, for each
    ``k`` in ``--keep-sizes``, against ``k`` evenly spaced layers kept (a choice not made by measurement).
+
+``--candidates full`` restricts all three to the full-attention layers (Gemma 3: its 3 global layers; its
+sliding layers already hold a bounded cache), and a keep size of 0 replaces every candidate.
 
 Writes ``layer_choice.json`` and ``layer_choice.md`` under ``--out`` and prints the markdown.
 """
@@ -63,10 +67,11 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def replaced_nll(model, blocks, layers: list[int], window: int) -> list[float]:
-    """Per-block NLL with ``layers``' attention cut to the window by a fresh replace-mode Echo graft."""
+def replaced_nll(model, blocks, layers: list[int], window: int, sinks: int = 0) -> list[float]:
+    """Per-block NLL with ``layers``' attention cut to the window (and ``sinks`` first tokens) by a fresh
+    replace-mode Echo graft."""
     grafted = attach_adapter(model, EchoConfig(mode="replace", target_layers=layers, window=window,
-                                               chunk_size=window))
+                                               chunk_size=window, sink_tokens=sinks))
     try:
         return block_nll(grafted, blocks)
     finally:
@@ -129,7 +134,7 @@ def markdown(report: dict) -> str:
     lines += ["", (f"Ranked by rise: {', '.join(str(i) for i in report['ranking'])}. "
               f"Spearman correlation of the rise with the attention mass beyond the window: "
               f"{report['rank_correlation']:.2f}."),
-              "", "All layers but the kept ones cut to the window:", "",
+              "", f"All candidate layers ({', '.join(map(str, report['candidates']))}) but the kept ones cut to the window:", "",
               "| kept | chosen by | NLL | perplexity | rise over base |", "|---|---|---:|---:|---:|"]
     for row in report["keep"]:
         lines.append(f"| {row['kept']} | {row['chosen_by']} | {row['nll']:.4f} | {math.exp(row['nll']):.2f} | "
@@ -151,6 +156,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--keep-sizes", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--sink-tokens", type=int, default=0,
+                        help="first tokens the window also attends (EchoConfig.sink_tokens; 0: the window alone)")
+    parser.add_argument("--candidates", default="all", choices=["all", "full"],
+                        help="the layers that may be replaced: every layer, or only the full-attention ones (Gemma 3: "
+                             "its sliding layers already hold a bounded cache)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="out/echo_layer_choice")
     args = parser.parse_args()
@@ -164,27 +174,36 @@ def main() -> None:
     base = block_nll(model, blocks)
     base_nll = mean(base)
     mass = mass_beyond_window(model, blocks, args.window)
+    layers = model.config.num_hidden_layers
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * layers
+    candidates = [i for i in range(layers) if args.candidates == "all" or types[i] == "full_attention"]
     rows = []
-    for layer in range(model.config.num_hidden_layers):
-        nll = replaced_nll(model, blocks, [layer], args.window)
+    for layer in candidates:
+        nll = replaced_nll(model, blocks, [layer], args.window, args.sink_tokens)
         rises = [a - b for a, b in zip(nll, base)]
         rows.append({"layer": layer, "nll": mean(nll), "rise": mean(rises), "rise_min": min(rises),
                      "rise_max": max(rises), "block_nll": nll, "mass_beyond_window": mass[layer]})
         print(f"layer {layer}: rise {mean(rises):+.4f}, mass beyond window {mass[layer]:.3f}", flush=True)
     ranking = [r["layer"] for r in sorted(rows, key=lambda r: -r["rise"])]
-    layers = model.config.num_hidden_layers
-    keep = []
+    keep, tried = [], set()
     for size in args.keep_sizes:
-        for chosen_by, kept in (("measured rise", sorted(ranking[:size])), ("evenly spaced", evenly_spaced(layers, size))):
-            nll = replaced_nll(model, blocks, [i for i in range(layers) if i not in kept], args.window)
+        spaced = [candidates[i] for i in evenly_spaced(len(candidates), size)]
+        for chosen_by, kept in (("measured rise", sorted(ranking[:size])), ("evenly spaced", spaced)):
+            if tuple(kept) in tried:  # e.g. keeping none, or all of a few candidates
+                continue
+            tried.add(tuple(kept))
+            nll = replaced_nll(model, blocks, [i for i in candidates if i not in kept], args.window,
+                               args.sink_tokens)
             keep.append({"kept": kept, "chosen_by": chosen_by, "nll": mean(nll), "block_nll": nll})
             print(f"keep {kept} ({chosen_by}): NLL {mean(nll):.4f}", flush=True)
     report = {"settings": {**vars(args), "command": "python3 benchmarks/echo_layer_choice.py "
                            f"--model {args.model} --block-length {args.block_length} --blocks {args.blocks} "
-                           f"--window {args.window} --keep-sizes {' '.join(map(str, args.keep_sizes))}",
+                           f"--window {args.window} --keep-sizes {' '.join(map(str, args.keep_sizes))} "
+                           f"--candidates {args.candidates} --sink-tokens {args.sink_tokens}",
                            "held_out_files": HELD_OUT_FILES, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
               "base_nll": base_nll, "base_block_nll": base, "layers": rows, "ranking": ranking,
-              "rank_correlation": spearman([r["rise"] for r in rows], mass), "keep": keep,
+              "candidates": candidates,
+              "rank_correlation": spearman([r["rise"] for r in rows], [mass[i] for i in candidates]), "keep": keep,
               "wall_s": time.perf_counter() - started}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

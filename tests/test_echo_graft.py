@@ -80,20 +80,33 @@ def test_perturbed_graft_changes_logits_and_every_parameter_gets_gradient(tiny_m
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_replace_mode_sees_only_the_window_and_the_echo_state():
+def changed_at(position, ids=IDS):
+    changed = ids.clone()
+    changed[0, position] = 111
+    return changed
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_replace_mode_sees_only_the_window_the_sinks_and_the_echo_state(sinks):
     """With W_o = 0 every layer replaced is window attention only: a token more than the layers' summed
-    windows back cannot reach the logits; with Echo on (W_o != 0) it can, through the state."""
+    windows back cannot reach the logits unless it is one of the first ``sinks`` tokens; with Echo on
+    (W_o != 0) it can, through the state."""
     window = 4
-    model = attach_adapter(build_tiny_model("llama"), echo_config("replace", window=window, target_layers=None))
-    changed = IDS.clone()
-    changed[0, 0] = 111
+    model = attach_adapter(build_tiny_model("llama"),
+                           echo_config("replace", window=window, target_layers=None, sink_tokens=sinks))
     reach = 2 * (window - 1)  # two layers
-    a, b = logits(model), logits(model, changed)
-    assert torch.equal(a[:, reach + 1:], b[:, reach + 1:])
-    assert not torch.allclose(a[:, :reach + 1], b[:, :reach + 1])
+    first = sinks  # the first token that is not a sink
+    a, b = logits(model), logits(model, changed_at(first))
+    assert torch.equal(a[:, first + reach + 1:], b[:, first + reach + 1:])
+    assert not torch.allclose(a[:, first:first + reach + 1], b[:, first:first + reach + 1])
+    if sinks:
+        sink = logits(model, changed_at(sinks - 1))
+        assert torch.equal(a[:, :sinks - 1], sink[:, :sinks - 1])  # causal
+        far = slice(first + reach + 1, None)
+        assert (a[0, far] - sink[0, far]).abs().amax(-1).min() > 1e-4  # every later position sees the sink
     perturb(model)
-    a, b = logits(model), logits(model, changed)
-    assert not torch.allclose(a[:, reach + 1:], b[:, reach + 1:], atol=1e-5)
+    a, b = logits(model), logits(model, changed_at(first))
+    assert not torch.allclose(a[:, first + reach + 1:], b[:, first + reach + 1:], atol=1e-5)
 
 
 def test_blockwise_window_attention_matches_one_block_with_padding():
@@ -179,9 +192,11 @@ def test_replace_generation_keeps_no_kv_beyond_the_window(family):
     perturb(model)
     out, _ = generate_logits(model, IDS[:, :11], 20)
     cache = out.past_key_values
+    sinks = model.grafts["default"].sinks
+    assert sinks[2] == 4 and sinks[0] == (4 if family == "llama" else 0)  # a sliding layer gets no sinks
     for index in (0, 2):
         assert isinstance(cache.layers[index], EchoWindowLayer)
-        assert cache.layers[index].keys.shape[-2] == window - 1
+        assert cache.layers[index].keys.shape[-2] == window - 1 + sinks[index]
         assert cache.state("echo").nbytes(index) > 0
     seen = out.sequences.shape[1] - 1
     middle = seen if family == "llama" else base.config.sliding_window - 1  # full / sliding(8) attention
@@ -365,3 +380,82 @@ def test_window_only_control_has_no_echo_state_and_trains_a_stacked_lora_by_dist
     torch.testing.assert_close(decoded, logits(model, out.sequences)[:, prompt.shape[1] - 1:-1], atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="echo_branch"):
         EchoConfig(mode="parallel", echo_branch=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_observed_layers_see_what_the_distillation_compares_and_leave_the_output_alone(family):
+    model = attach_adapter(build_tiny_model(family), echo_config("replace", distill_weight=1.0))
+    perturb(model)
+    graft = model.grafts["default"]
+    before = logits(model)
+    seen = {}
+    with graft.observe_layers(lambda i, teacher, window, echo: seen.__setitem__(i, (teacher, window, echo))):
+        during = logits(model)
+    assert torch.equal(during, before)  # the full attention is computed beside the window, not instead of it
+    assert sorted(seen) == graft.layer_indices and not graft._pending
+    torch.manual_seed(0)
+    lm_loss, distill = graft.loss_terms(model, {"input_ids": IDS})
+    mse = torch.stack([torch.nn.functional.mse_loss(w + e, t) for t, w, e in seen.values()]).mean()
+    torch.testing.assert_close(distill, mse)  # the same forward, so the same per-layer terms
+    assert lm_loss.requires_grad and distill.requires_grad
+    (w_o,) = torch.autograd.grad(distill, graft.branches[str(graft.layer_indices[0])].w_o.weight)
+    assert w_o.abs().sum() > 0
+    assert all(not t.requires_grad and not w.requires_grad for t, w, _ in seen.values())
+    parallel = attach_adapter(build_tiny_model(family), echo_config("parallel")).grafts["default"]
+    with pytest.raises(ValueError, match="replace"), parallel.observe_layers(print):
+        pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sinks", [0, 1, 6])
+def test_sinks_prefill_then_decode_matches_full_forward_with_left_padding(family, sinks):
+    """The window cache keeps each row's first ``sinks`` real tokens beside the window, so a left-padded batch
+    decodes like its rows alone and like one full forward, also with more sinks than the window."""
+    model = attach_adapter(build_tiny_model(family), echo_config("replace", window=3, sink_tokens=sinks,
+                                                                 echo_branch=False))
+    short, long = IDS[:, :6], IDS[:, 1:12]
+    pad = long.shape[1] - short.shape[1]
+    batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    out, together = generate_logits(model, batch, 10, attention_mask=mask)
+    for row, alone_ids in ((0, short), (1, long)):
+        _, alone = generate_logits(model, alone_ids, 10)
+        torch.testing.assert_close(together[row:row + 1], alone, atol=2e-5, rtol=1e-5)
+    full = logits(model, out.sequences, attention_mask=torch.cat([mask, torch.ones(2, 10, dtype=torch.long)], 1))
+    torch.testing.assert_close(together, full[:, batch.shape[1] - 1:-1], atol=2e-5, rtol=1e-5)
+    layer = out.past_key_values.layers[model.grafts["default"].layer_indices[-1]]
+    assert layer.keys.shape[-2] == 2 + (sinks + pad if sinks else 0)  # window - 1, and the sinks' span
+
+
+def test_a_window_cache_with_sinks_refuses_what_it_cannot_undo():
+    layer = EchoWindowLayer(sliding_window=3, sinks=2)
+    keys = torch.randn(1, 1, 4, 2)
+    layer.update(keys, keys)
+    layer.crop(-1)  # nothing dropped yet: an ordinary crop
+    assert layer.keys.shape[-2] == 3 and layer.get_seq_length() == 3
+    returned, _ = layer.update(keys, keys)  # 7 tokens: the 2 sinks and the last 2 kept
+    assert returned.shape[-2] == 7 and layer.get_seq_length() == 7
+    assert torch.equal(layer.keys, torch.cat([keys[:, :, :2], keys[:, :, 2:]], dim=2))  # sinks k0 k1, then k2' k3'
+    with pytest.raises(RuntimeError, match="cannot be cropped"):
+        layer.crop(-1)
+    with pytest.raises(ValueError, match="sink tokens"):
+        layer.activate_past_recording()
+
+
+def test_an_adapter_saved_before_sink_tokens_existed_loads_without_sinks(tmp_path):
+    import json
+
+    model = attach_adapter(build_tiny_model("llama"), echo_config("replace", window=3, sink_tokens=0))
+    perturb(model)
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    config_path = next(tmp_path.rglob("adapter_config.json"))
+    saved = json.loads(config_path.read_text())
+    fields = saved.get("config", saved)
+    assert fields.pop("sink_tokens") == 0
+    config_path.write_text(json.dumps(saved))
+    loaded = attach_adapter(build_tiny_model("llama"), str(config_path.parent))
+    assert loaded.grafts["default"].config.sink_tokens == 0
+    assert torch.equal(logits(loaded), expected)
+    assert EchoConfig().sink_tokens == 4  # a new config has sinks

@@ -337,7 +337,8 @@ def test_echo_replace_and_range_search_on_other_layers_decode_like_the_full_forw
             out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                  return_dict_in_generate=True, output_logits=True, pad_token_id=0)
         cache = out.past_key_values
-        assert cache.layers[0].keys.shape[-2] == 2 and cache.layers[last].keys.shape[-2] == out.sequences.shape[1] - 1
+        held = 2 + model.grafts["echo"].sinks[0]  # window - 1, and the sink tokens (none on a sliding layer)
+        assert cache.layers[0].keys.shape[-2] == held and cache.layers[last].keys.shape[-2] == out.sequences.shape[1] - 1
         assert all(layer.n_queries == NEW_TOKENS - 1 for layer in cache.state("range_search").layers.values())
         full = logits(model, out.sequences)[:, PROMPT.shape[1] - 1:-1]
         torch.testing.assert_close(torch.stack(out.logits, 1), full, atol=2e-4, rtol=1e-4)

@@ -16,8 +16,12 @@ Two modes:
   ``post_attention_layernorm``, so the branch sits *before* that norm (it is normalised with the
   attention output, as a second attention head would be). With W_o = 0 the logits are the base's exactly.
 * ``replace`` (in ``target_layers``): the layer's attention becomes a local sliding-window attention
-  (the frozen q/k/v/o weights restricted to the last ``window`` tokens, the query's own included) plus
-  the Echo branch, so the layer keeps no KV cache beyond the window at generation. Training ramps from
+  (the frozen q/k/v/o weights restricted to the last ``window`` tokens, the query's own included, and to
+  each row's first ``sink_tokens`` real tokens: the attention sinks of StreamingLLM, arXiv 2309.17453, on
+  full-attention layers only) plus the Echo branch, so the layer keeps no KV cache beyond the window and
+  the sinks at generation. Without the sinks a window loses the mass the frozen heads put on the first
+  token: on SmolLM2 with 26 of 30 layers cut to 64 tokens, +1.42 nats of held-out NLL against +0.19 with
+  one sink (``benchmarks/echo_sinks.py``). Training ramps from
   the frozen attention to it: ``out = (1 - ramp) full_attention + ramp (window_attention + echo)``
   (``replace_ramp``; 0 with W_o = 0 is the base exactly; generation with ramp = 1 holds only the window;
   ``ramp_fraction`` schedules it in the recipes loop through `EchoGraft.on_train_step`).
@@ -43,6 +47,8 @@ when a chunk starts.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +75,7 @@ from graftlm.adapters.registry import register_graft
 from graftlm.dtype_policy import full_precision, to_base
 from graftlm.patches.cache_kwarg import cache_from_kwargs, with_cache
 
+LayerObserver = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MODES = ("parallel", "replace")
 
@@ -101,6 +108,11 @@ class EchoConfig(GraftConfig):
     window: int | None = field(default=None, metadata={
         "help": "Replace mode: local attention window in tokens, the query's own included; None = chunk_size.",
         "min": 1})
+    sink_tokens: int = field(default=4, metadata={
+        "help": "Replace mode: the first real tokens of each row that the window attention always attends "
+                "besides its window (the attention sinks of StreamingLLM, arXiv 2309.17453); the cache keeps "
+                "them beside the window. Saved adapters without this field load with 0, as they were trained.",
+        "min": 0})
     replace_ramp: float = field(default=1.0, metadata={
         "help": "Replace mode: out = (1 - ramp) full attention + ramp (window attention + Echo); schedule it "
                 "from 0 to 1 in training (graft.replace_ramp); generation holds only the window when 1.",
@@ -115,6 +127,13 @@ class EchoConfig(GraftConfig):
         "help": "Replace mode, recipes training: over this fraction of the steps the ramp rises linearly "
                 "from 0 to replace_ramp (Graft.on_train_step), then holds; 0 = replace_ramp throughout.",
         "min": 0.0, "max": 1.0})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EchoConfig:
+        """Saved values; a config saved before ``sink_tokens`` existed had no sinks, and loads without them."""
+        if isinstance(values, dict) and "sink_tokens" not in values:
+            values = {**values, "sink_tokens": 0}
+        return super().from_dict(values)
 
     def validate(self) -> None:
         if self.distill_weight > 0 and self.mode != "replace":
@@ -164,6 +183,7 @@ class ForwardContext:
     trailing_padding: bool = True  # ... and that padding only follows real tokens (right padding)
     past_length: int = 0
     distilling: bool = False
+    sink_span: int = 0  # replace mode: positions that hold every row's first sink_tokens real tokens
 
 
 class EchoGraft(Graft):
@@ -181,9 +201,13 @@ class EchoGraft(Graft):
         self.settings = EchoSettings(config.power, config.chunk_size, config.eps, STATS_DTYPES[config.stats_dtype])
         self.window = config.window or config.chunk_size
         self.replace_ramp = config.replace_ramp
+        types = patch.layer_types(base_model)  # a sliding layer (Gemma 3 local) never had sinks: none added
+        self.sinks = {i: config.sink_tokens if config.mode == "replace" and types[i] == "full_attention" else 0
+                      for i in self.layer_indices}
         self.query_block = 128  # window attention: queries per block (memory O(T window))
         self._context = ForwardContext()
         self._distill_terms: list[torch.Tensor] | None = None
+        self._observer: LayerObserver | None = None
         self._pending: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._replaced: dict[nn.Module, int] = {}
         self._previous_attention = ""
@@ -230,17 +254,31 @@ class EchoGraft(Graft):
         token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         length = reference.shape[1] if reference is not None else (args[0].shape[1] if args else None)
-        chunk_padded, interior = False, False
+        chunk_padded, interior, lead = False, False, 0
+        sinks = max(self.sinks.values(), default=0)
         if token_mask is not None:
             chunk = token_mask if length is None or length > token_mask.shape[1] else token_mask[:, -length:]
             padded = ~chunk.all()
-            chunk_padded, interior = torch.stack([padded, padded & ~only_trailing_padding(chunk)]).tolist()
+            flags = [padded, padded & ~only_trailing_padding(chunk)]
+            if sinks:  # the most leading pads of any row: the sinks of every row lie within lead + sinks
+                flags.append((~token_mask).long().cumprod(-1).sum(-1).max())
+            chunk_padded, interior, *rest = torch.stack([f.long() for f in flags]).tolist()
+            lead = rest[0] if rest else 0
+        span = sinks + lead if sinks else 0
+        if sinks and cache is not None:  # a window layer learns its sinks' span before its first update
+            for index in self._window_layers():
+                layer = cache.layers[index] if index < len(getattr(cache, "layers", ())) else None
+                if isinstance(layer, EchoWindowLayer) and layer.sinks:
+                    if not layer.is_initialized:
+                        layer.sink_span = span
+                    span = layer.sink_span  # what the cache holds decides where the window's keys start
         self._context = ForwardContext(
             token_mask=token_mask,
-            chunk_padded=chunk_padded,
+            chunk_padded=bool(chunk_padded),
             trailing_padding=not interior,
             past_length=cache.get_seq_length() if cache is not None else 0,
-            distilling=self._distill_terms is not None,
+            distilling=self._distill_terms is not None or self._observer is not None,
+            sink_span=span,
         )
 
     def _keep(self, length: int, chunk: bool = True) -> torch.Tensor | None:
@@ -311,6 +349,8 @@ class EchoGraft(Graft):
         flat = lambda t: t.reshape(*t.shape[:2], -1)
         teacher = attention.o_proj(flat(full)).detach()
         student = attention.o_proj(flat(window))
+        if self._observer is not None:
+            self._observer(index, teacher, student.detach(), None if echo_out is None else echo_out.detach())
         if echo_out is not None:
             student = student + echo_out
         keep = self._keep(student.shape[1])
@@ -323,6 +363,24 @@ class EchoGraft(Graft):
         # a gradient-checkpointing recompute redoes the same ops (torch checks) but the loss was already taken
         if self._distill_terms is not None:
             self._distill_terms.append(term)
+
+    @contextmanager
+    def observe_layers(self, observer: LayerObserver) -> Iterator[None]:
+        """Replace mode: while the context is open, every replaced layer's forward calls ``observer(index,
+        teacher, window, echo)`` with what the distillation compares, each [B, T, d] and detached: the frozen
+        full attention's output ``o_proj(full_attn)``, the window attention's ``o_proj(window_attn)``, and
+        ``echo(x)`` (None without an Echo branch). The full attention is computed beside the window, as in
+        distillation; the layer's output is unchanged. For diagnostics (``benchmarks/echo_diagnose.py``)."""
+        if not self.replaces:
+            raise ValueError("observe_layers: needs mode='replace' (a parallel graft has no window to compare)")
+        if self._observer is not None:
+            raise RuntimeError("observe_layers: an observer is already installed")
+        self._observer = observer
+        try:
+            yield
+        finally:
+            self._observer = None
+            self._pending.clear()
 
     # -- replace mode: the attention function ----------------------------------------------------
     def _base_attention(self, module: nn.Module):
@@ -348,7 +406,7 @@ class EchoGraft(Graft):
         if ramp == 0.0 and not distilling:
             return base(module, query, key, value, attention_mask, **kwargs)
         full = base(module, query, key, value, attention_mask, **kwargs)[0] if ramp < 1.0 or distilling else None
-        window = self._window_attention(module, query, key, value, kwargs)
+        window = self._window_attention(module, query, key, value, kwargs, self.sinks[index])
         if distilling:
             self._pending[index] = (full, window)
         if ramp == 0.0:
@@ -357,29 +415,59 @@ class EchoGraft(Graft):
             return window, None
         return (1.0 - ramp) * full + ramp * window, None
 
-    def _window_attention(self, module, query, key, value, kwargs) -> torch.Tensor:
-        """Softmax attention of each query over the keys at distance [0, window), padding excluded.
+    def _window_attention(self, module, query, key, value, kwargs, sinks: int) -> torch.Tensor:
+        """Softmax attention of each query over the keys at distance [0, window) and the row's first
+        ``sinks`` real tokens, padding excluded.
 
-        Queries go in blocks of ``max(window, query_block)``, each against only the keys its window can
-        reach, so a long prefill costs O(T window) memory instead of a [T, T] mask.
+        The keys are the whole sequence, or (an `EchoWindowLayer` that dropped old tokens) the sinks' span
+        followed by the most recent tokens, contiguous up to the newest: each key's position follows from
+        the shapes and the host's ``past_length``. Queries go in blocks of ``max(window, query_block)``, each
+        against only the sinks and the keys its window can reach, so a long prefill costs O(T (window +
+        sinks)) memory instead of a [T, T] mask.
         """
         q_len, k_len = query.shape[2], key.shape[2]
+        total = self._context.past_length + q_len  # positions in the sequence so far, this forward's included
         window = min(self.window, kwargs.get("sliding_window") or self.window)
-        keep = self._keep(k_len, chunk=False)
+        span = min(self._context.sink_span, k_len) if sinks else 0
+        dropped = k_len < total
+        recent = span if dropped and sinks else 0  # keys [recent, k_len) are contiguous up to position total - 1
+        shift = total - k_len  # position of key index i >= recent: i + shift (keys before recent: their index)
+        mask = self._context.token_mask
+        if mask is not None and mask.shape[1] < total:
+            raise ValueError(f"attention_mask covers {mask.shape[1]} positions, the Echo graft needs {total}: "
+                             "pass the mask of the whole sequence (past tokens included)")
+        real = None if mask is None else mask[:, -total:] if mask.shape[1] > total else mask
+        sink_rows = None
+        if sinks:
+            sink_rows = (real & (real.long().cumsum(-1) <= sinks)) if real is not None else None
         block = max(window, self.query_block)
         outputs = []
         for start in range(0, q_len, block):
             stop = min(start + block, q_len)
-            q_first = k_len - q_len + start  # key position of the block's first query
-            k_first = max(0, q_first - window + 1)
-            k_stop = k_len - q_len + stop
-            q_pos = torch.arange(q_first, k_stop, device=query.device)
-            distance = q_pos[:, None] - torch.arange(k_first, k_stop, device=query.device)[None, :]
-            allowed = ((distance >= 0) & (distance < window))[None]  # [1, q, k]
-            if keep is not None:  # a padded query still sees itself, so its (unused) row stays finite
-                allowed = (allowed & keep[:, None, k_first:k_stop]) | (distance == 0)[None]
+            q_first = total - q_len + start  # position of the block's first query
+            k_first = max(recent, q_first - window + 1 - shift)  # index of the first key its window reaches
+            k_stop = total - q_len + stop - shift
+            n_sink = min(span, k_first)  # sink keys before the window's keys
+            k_pos = torch.arange(k_first, k_stop, device=query.device) + shift
+            if n_sink:
+                s_pos = torch.arange(n_sink, device=query.device)  # below recent (or contiguous): index = position
+                k_pos = torch.cat([s_pos, k_pos])
+                keys = torch.cat([key[:, :, :n_sink], key[:, :, k_first:k_stop]], dim=2)
+                values = torch.cat([value[:, :, :n_sink], value[:, :, k_first:k_stop]], dim=2)
+            else:
+                keys, values = key[:, :, k_first:k_stop], value[:, :, k_first:k_stop]
+            q_pos = torch.arange(q_first, total - q_len + stop, device=query.device)
+            distance = q_pos[:, None] - k_pos[None, :]
+            near = (distance >= 0) & (distance < window)  # [q, k]
+            if sinks:
+                sink = (k_pos < sinks)[None] if sink_rows is None else sink_rows[:, k_pos]  # [1 or B, k]
+                allowed = near[None] | ((distance >= 0)[None] & sink[:, None, :])  # [1 or B, q, k]
+            else:
+                allowed = near[None]
+            if real is not None:  # a padded query still sees itself, so its (unused) row stays finite
+                allowed = (allowed & real[:, None, k_pos]) | (distance == 0)[None]
             out, _ = sdpa_attention_forward(
-                module, query[:, :, start:stop], key[:, :, k_first:k_stop], value[:, :, k_first:k_stop],
+                module, query[:, :, start:stop], keys, values,
                 allowed[:, None], dropout=kwargs.get("dropout", 0.0), scaling=kwargs.get("scaling"),
                 is_causal=False)
             outputs.append(out)
@@ -396,7 +484,8 @@ class EchoGraft(Graft):
         return EchoCacheState(self.layer_indices if self.config.echo_branch else [])
 
     def cache_layers(self) -> dict[int, EchoWindowLayer]:
-        return {index: EchoWindowLayer(sliding_window=window) for index, window in self._window_layers().items()}
+        return {index: EchoWindowLayer(sliding_window=window, sinks=self.sinks[index])
+                for index, window in self._window_layers().items()}
 
     def cache_layers_replaced(self) -> set[int]:
         return set(self.layer_indices) if self.replaces else set()
@@ -404,7 +493,7 @@ class EchoGraft(Graft):
     def make_cache(self) -> EchoCache:
         """An empty `EchoCache` for this graft alone: window-only KV layers for replaced layers at ramp 1."""
         echo_layers = self.layer_indices if self.config.echo_branch else []
-        return EchoCache(self.base_model.config, echo_layers=echo_layers, window_layers=self._window_layers())
+        return EchoCache(self.base_model.config, echo_layers=echo_layers, window_layers=self.cache_layers())
 
     def prepare_generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Check that the cache holds this graft's state (`GraftModel.generate` supplies one; called on its own,
@@ -438,6 +527,14 @@ class EchoGraft(Graft):
         weight = self.config.distill_weight
         if weight == 0.0:
             return None
+        lm_loss, distill = self.loss_terms(model, batch)
+        return {"loss": lm_loss + weight * distill, "lm_loss": lm_loss.detach(), "distill_loss": distill.detach()}
+
+    def loss_terms(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM loss, the replaced layers' mean distillation MSE) of one forward, both with their graphs, so
+        that each one's gradient can be taken apart (``benchmarks/echo_diagnose.py``). Replace mode only."""
+        if not self.replaces:
+            raise ValueError("loss_terms: the distillation needs mode='replace'")
         if "labels" not in batch:
             batch = {**batch, "labels": batch["input_ids"]}
         self._distill_terms = []
@@ -447,8 +544,7 @@ class EchoGraft(Graft):
         finally:
             self._distill_terms = None
             self._pending.clear()
-        distill = torch.stack(terms).mean()
-        return {"loss": lm_loss + weight * distill, "lm_loss": lm_loss.detach(), "distill_loss": distill.detach()}
+        return lm_loss, torch.stack(terms).mean()
 
 
 register_graft(EchoConfig, EchoGraft)

@@ -11,7 +11,7 @@ a fixed-size recurrent state with no sequence dimension):
 
 so ``H (2 r^2 + 2 P r + r + 1)`` floats per row and layer, constant in the sequence length. Layers whose
 attention the graft replaces (``mode="replace"``) keep their keys and values in an `EchoWindowLayer`:
-a sliding window of the last ``window - 1`` tokens, never more.
+a sliding window of the last ``window - 1`` tokens and the rows' first ``sink_tokens`` real tokens, never more.
 
 Prefill runs the chunk-parallel operator (``echo_chunked(..., return_state=True)``), decode runs
 ``echo_step`` per token; with the same chunk size the two give the output of one chunked forward over
@@ -36,7 +36,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from graftlm.adapters.graft_cache import GraftCache, GraftState
 from graftlm.kernels.echo import EchoState, echo_chunked, echo_step, init_state, readout_operator
@@ -219,7 +219,14 @@ class EchoStateLayer:
 
 
 class EchoWindowLayer(DynamicSlidingWindowLayer):
-    """KV cache of a layer whose attention Echo replaces: the last ``sliding_window - 1`` tokens only.
+    """KV cache of a layer whose attention Echo replaces: the last ``sliding_window - 1`` tokens, and with
+    ``sinks`` > 0 also the first ``sink_span`` positions the layer saw (the rows' first ``sinks`` real
+    tokens, the attention sinks; the span also covers the left padding before them: the graft sets it from
+    the prefill's mask before the first update). Nothing else is ever kept.
+
+    With sinks, the keys an update returns (and the layer holds) are the span followed by the most recent
+    tokens, contiguous up to the newest: ``[0, sink_span) + [n - kept, n)``, or every position while that
+    is no longer than the whole sequence. The graft's window attention derives each key's position from that.
 
     ``is_sliding`` is False and ``builds_own_mask`` makes `GraftCache` report the layer as linear, so
     transformers never sizes the model's shared full or sliding attention masks from this layer (the graft
@@ -228,6 +235,48 @@ class EchoWindowLayer(DynamicSlidingWindowLayer):
 
     is_sliding = False
     builds_own_mask = True
+
+    def __init__(self, sliding_window: int, sinks: int = 0, **kwargs):
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.sinks = sinks
+        self.sink_span = sinks
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.sinks:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        recent = keys.shape[-2] - (self.sliding_window - 1)  # the first of the last sliding_window - 1 tokens
+        if recent > self.sink_span:
+            self.keys = torch.cat([keys[:, :, :self.sink_span], keys[:, :, recent:]], dim=-2)
+            self.values = torch.cat([values[:, :, :self.sink_span], values[:, :, recent:]], dim=-2)
+        else:
+            self.keys, self.values = keys, values
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.sinks:
+            return super().get_mask_sizes(query_length)
+        held = self.keys.shape[-2] if self.is_initialized else 0
+        return held + query_length, 0
+
+    def activate_past_recording(self, **kwargs) -> None:
+        if self.sinks:
+            raise ValueError("Echo window cache with sink tokens: assisted decoding (past recording) is not "
+                             "supported; use sink_tokens=0")
+        super().activate_past_recording(**kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if not self.sinks:
+            return super().crop(tokens_to_remove)
+        if self.is_initialized and self.cumulative_length > self.keys.shape[-2]:
+            raise RuntimeError("Echo window cache with sink tokens: tokens between the sinks and the window were "
+                               "dropped, so it cannot be cropped")
+        DynamicLayer.crop(self, tokens_to_remove)
+        self.cumulative_length = self.keys.shape[-2] if self.is_initialized else 0
 
 
 class EchoCacheState(GraftState):
@@ -269,12 +318,13 @@ class EchoCacheState(GraftState):
 
 class EchoCache(GraftCache):
     """A `GraftCache` holding only an Echo graft's state (``echo[i]``: grafted layer i's `EchoStateLayer`) and its
-    window layers (``window_layers``: index -> window). ``EchoGraft.make_cache()`` builds one; a stack
+    window layers (``window_layers``: index -> an `EchoWindowLayer`, or its window). ``EchoGraft.make_cache()`` builds one; a stack
     generates with the one `GraftCache` of `GraftModel.make_cache`, which holds the same parts.
     """
 
-    def __init__(self, config, echo_layers: Iterable[int], window_layers: dict[int, int] | None = None):
-        layers = {index: EchoWindowLayer(sliding_window=window) for index, window in (window_layers or {}).items()}
+    def __init__(self, config, echo_layers: Iterable[int], window_layers: dict[int, int | EchoWindowLayer] | None = None):
+        layers = {index: layer if isinstance(layer, EchoWindowLayer) else EchoWindowLayer(sliding_window=layer)
+                  for index, layer in (window_layers or {}).items()}
         super().__init__(config, {STATE_KEY: EchoCacheState(echo_layers)}, layers)
 
     @property
