@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,29 +150,35 @@ def gradients(model, graft: EchoGraft, examples) -> dict[int, dict[str, float]]:
     return out
 
 
+@contextmanager
+def silenced(branches):
+    """Echo off in ``branches`` (their W_o zeroed) inside the context; restored after."""
+    saved = [branch.w_o.weight.clone() for branch in branches]
+    for branch in branches:
+        branch.w_o.weight.zero_()
+    try:
+        yield
+    finally:
+        for branch, weight in zip(branches, saved):
+            branch.w_o.weight.copy_(weight)
+
+
 @torch.no_grad()
 def ablation(model, tokenizer, graft: EchoGraft, kwargs: dict, n: int) -> dict[str, object]:
     task = make_task("mqar", kwargs, tokenizer)
     texts = task_texts(task, task.examples(n, SEED))
-    mean = lambda xs: sum(xs) / len(xs)
-    every = mean(answer_nll(model, tokenizer, texts, batch_size=4))
+
+    def score() -> float:
+        nll = answer_nll(model, tokenizer, texts, batch_size=4)
+        return sum(nll) / len(nll)
+
+    every = score()
     rises = {}
     for i, branch in sorted(graft.branches.items(), key=lambda kv: int(kv[0])):
-        saved = branch.w_o.weight.clone()
-        branch.w_o.weight.zero_()
-        try:
-            rises[int(i)] = mean(answer_nll(model, tokenizer, texts, batch_size=4)) - every
-        finally:
-            branch.w_o.weight.copy_(saved)
-    silent = []
-    for branch in graft.branches.values():
-        silent.append(branch.w_o.weight.clone())
-        branch.w_o.weight.zero_()
-    try:
-        none = mean(answer_nll(model, tokenizer, texts, batch_size=4))
-    finally:
-        for branch, weight in zip(graft.branches.values(), silent):
-            branch.w_o.weight.copy_(weight)
+        with silenced([branch]):
+            rises[int(i)] = score() - every
+    with silenced(list(graft.branches.values())):
+        none = score()
     return {"answer_nll_all_on": every, "answer_nll_all_off": none, "rise_one_off": rises}
 
 

@@ -79,6 +79,14 @@ def replaced_nll(model, blocks, layers: list[int], window: int, sinks: int = 0) 
 
 
 @torch.no_grad()
+def candidate_layers(model, which: str) -> list[int]:
+    """The layers that may be replaced: every layer (``all``) or the full-attention ones (``full``)."""
+    from graftlm.patches import get_patch
+
+    types = get_patch(model).layer_types(model)
+    return [i for i, kind in enumerate(types) if which == "all" or kind == "full_attention"]
+
+
 def mass_beyond_window(model, blocks, window: int) -> list[float]:
     """Per layer, the mean softmax weight on keys at distance >= window (queries at positions >= window)."""
     from graftlm.patches import get_patch
@@ -174,9 +182,7 @@ def main() -> None:
     base = block_nll(model, blocks)
     base_nll = mean(base)
     mass = mass_beyond_window(model, blocks, args.window)
-    layers = model.config.num_hidden_layers
-    types = getattr(model.config, "layer_types", None) or ["full_attention"] * layers
-    candidates = [i for i in range(layers) if args.candidates == "all" or types[i] == "full_attention"]
+    candidates = candidate_layers(model, args.candidates)
     rows = []
     for layer in candidates:
         nll = replaced_nll(model, blocks, [layer], args.window, args.sink_tokens)

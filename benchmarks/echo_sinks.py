@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from echo_layer_choice import evenly_spaced_blocks
+from echo_layer_choice import candidate_layers, evenly_spaced_blocks, replaced_nll
 
-from graftlm.adapters import attach_adapter
-from graftlm.adapters.echo import EchoConfig
 from graftlm.compare.evaluation import block_nll
 
 
@@ -55,19 +53,12 @@ def main() -> None:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     layers = model.config.num_hidden_layers
-    types = getattr(model.config, "layer_types", None) or ["full_attention"] * layers
-    replaced = [i for i in range(layers) if i not in args.keep
-                and (args.candidates == "all" or types[i] == "full_attention")]
+    replaced = [i for i in candidate_layers(model, args.candidates) if i not in args.keep]
     blocks = evenly_spaced_blocks(tokenizer, args.block_length, args.blocks)
     base = block_nll(model, blocks)
     rows = []
     for sinks in args.sinks:
-        grafted = attach_adapter(model, EchoConfig(mode="replace", target_layers=replaced, window=args.window,
-                                                   chunk_size=args.window, sink_tokens=sinks))
-        try:
-            nll = block_nll(grafted, blocks)
-        finally:
-            grafted.detach()
+        nll = replaced_nll(model, blocks, replaced, args.window, sinks)
         rise = [a - b for a, b in zip(nll, base)]
         rows.append({"sinks": sinks, "nll": sum(nll) / len(nll), "rise": sum(rise) / len(rise),
                      "rise_ci": bootstrap_mean(rise), "block_nll": nll})

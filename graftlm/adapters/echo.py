@@ -281,13 +281,11 @@ class EchoGraft(Graft):
             sink_span=span,
         )
 
-    def _keep(self, length: int, chunk: bool = True) -> torch.Tensor | None:
-        """Real-token mask [B, length] of the last ``length`` positions, or None when there is no padding
-        to apply. ``chunk``: the positions are this forward's own tokens (then None unless they include
-        padding); else they may include earlier ones (the window attention's keys), and the mask is
-        returned whenever one was given, without reading it on the host."""
+    def _keep(self, length: int) -> torch.Tensor | None:
+        """Real-token mask [B, length] of this forward's own last ``length`` tokens, or None when they
+        include no padding (known on the host since `_capture_context`)."""
         mask = self._context.token_mask
-        if mask is None or (chunk and not self._context.chunk_padded):
+        if mask is None or not self._context.chunk_padded:
             return None
         if mask.shape[1] < length:
             raise ValueError(f"attention_mask covers {mask.shape[1]} positions, the Echo graft needs {length}: "
@@ -436,10 +434,8 @@ class EchoGraft(Graft):
         if mask is not None and mask.shape[1] < total:
             raise ValueError(f"attention_mask covers {mask.shape[1]} positions, the Echo graft needs {total}: "
                              "pass the mask of the whole sequence (past tokens included)")
-        real = None if mask is None else mask[:, -total:] if mask.shape[1] > total else mask
-        sink_rows = None
-        if sinks:
-            sink_rows = (real & (real.long().cumsum(-1) <= sinks)) if real is not None else None
+        real = None if mask is None else mask[:, -total:]
+        sink_rows = real & (real.long().cumsum(-1) <= sinks) if sinks and real is not None else None
         block = max(window, self.query_block)
         outputs = []
         for start in range(0, q_len, block):
