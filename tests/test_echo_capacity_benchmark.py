@@ -1,0 +1,39 @@
+"""`benchmarks/echo_capacity.py` measures what it names: below the rank every pair comes back, far above it
+recall falls towards chance, and filler tokens cost recall."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "echo_capacity.py"
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    spec = importlib.util.spec_from_file_location("echo_capacity", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pairs_up_to_the_rank_are_recalled_exactly(capacity):
+    right, total = capacity.recall_accuracy(rank=8, pairs=8, heads=1, gap=0, trials=20)
+    assert (right, total) == (160, 160)
+
+
+def test_far_more_pairs_than_rank_fall_towards_chance(capacity):
+    right, total = capacity.recall_accuracy(rank=2, pairs=48, heads=1, gap=0, trials=20)
+    assert 1 / 48 <= right / total < 0.3
+
+
+def test_filler_tokens_cost_recall_and_more_heads_win_it_back(capacity):
+    one = capacity.recall_accuracy(rank=4, pairs=8, heads=1, gap=64, trials=40)
+    clean = capacity.recall_accuracy(rank=4, pairs=8, heads=1, gap=0, trials=40)
+    many = capacity.recall_accuracy(rank=4, pairs=8, heads=9, gap=64, trials=40)
+    assert one[0] < clean[0] and one[0] < many[0]
+
+
+def test_wilson_interval_brackets_the_proportion(capacity):
+    low, high = capacity.wilson(30, 100)
+    assert low < 0.3 < high and 0.2 < low and high < 0.4
