@@ -25,21 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from graftlm.compare.stats import wilson_interval
 from graftlm.kernels.echo import echo_chunked
-
-
-def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return centre - half, centre + half
 
 
 def recall_accuracy(rank: int, pairs: int, heads: int, gap: int, trials: int, value_dim: int = 64,
@@ -81,7 +73,7 @@ def main() -> None:
                 for pairs in args.pairs:
                     right, total = recall_accuracy(rank, pairs, heads, gap, args.trials)
                     rows.append({"gap": gap, "heads": heads, "rank": rank, "pairs": pairs, "right": right,
-                                 "queries": total, "accuracy": right / total, "ci": wilson(right, total)})
+                                 "queries": total, "accuracy": right / total, "ci": wilson_interval(right, total)})
     report = {"trials": args.trials, "rows": rows, "wall_s": time.perf_counter() - started,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)

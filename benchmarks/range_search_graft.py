@@ -41,7 +41,6 @@ import copy
 import dataclasses
 import datetime
 import json
-import math
 import random
 import statistics
 import sys
@@ -55,6 +54,7 @@ from range_search_captures import real_text_ids
 
 import graftlm
 from graftlm.adapters import RangeSearchConfig, attach_adapter
+from graftlm.compare.stats import wilson_interval
 from graftlm.eval.runner import build_task
 from graftlm.host_syncs import HostSyncCounter
 from graftlm.patches.cache_kwarg import with_cache
@@ -71,15 +71,6 @@ VARIANTS = {
 }
 CHUNK = 1024
 FORCED_TAIL = 16
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -234,7 +225,7 @@ def needle(runner: Runner, context: int, n: int, seed: int = 0) -> dict:
     out = {}
     for name, hits in correct.items():
         k = sum(hits)
-        out[name] = {"accuracy": k / len(hits), "n": len(hits), "wilson95": wilson(k, len(hits)),
+        out[name] = {"accuracy": k / len(hits), "n": len(hits), "wilson95": wilson_interval(k, len(hits)),
                      "disagree_with_dense": sum(a != b for a, b in zip(hits, correct["dense"]))}
     return out
 

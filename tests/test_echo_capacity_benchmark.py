@@ -33,7 +33,3 @@ def test_filler_tokens_cost_recall_and_more_heads_win_it_back(capacity):
     many = capacity.recall_accuracy(rank=4, pairs=8, heads=9, gap=64, trials=40)
     assert one[0] < clean[0] and one[0] < many[0]
 
-
-def test_wilson_interval_brackets_the_proportion(capacity):
-    low, high = capacity.wilson(30, 100)
-    assert low < 0.3 < high and 0.2 < low and high < 0.4
