@@ -459,3 +459,51 @@ def test_an_adapter_saved_before_sink_tokens_existed_loads_without_sinks(tmp_pat
     assert loaded.grafts["default"].config.sink_tokens == 0
     assert torch.equal(logits(loaded), expected)
     assert EchoConfig().sink_tokens == 4  # a new config has sinks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_distillation_trains_the_projections_at_init_and_compares_the_readout_with_what_the_window_misses(
+        family):
+    """W_o = 0 at init: the output distillation reaches only W_o, the head term every other Echo parameter
+    (and a W_o only through the later layers' readouts). The head term is the mean over layers of MSE(y, full - window) per query head, y the branch's readout."""
+    model = attach_adapter(build_tiny_model(family), echo_config("replace", window=4, value_dim=None,
+                                                                 distill_weight=1.0, head_distill_weight=2.0))
+    graft = model.grafts["default"]
+    terms = graft.training_loss(model, {"input_ids": IDS})
+    assert set(terms) == {"loss", "lm_loss", "distill_loss", "head_distill_loss"}
+    assert terms["head_distill_loss"] > 0
+    torch.testing.assert_close(terms["loss"],
+                               terms["lm_loss"] + terms["distill_loss"] + 2.0 * terms["head_distill_loss"])
+    graft._forward_terms(model, {"input_ids": IDS})[2].backward()  # the head term alone
+    for index, branch in graft.branches.items():
+        for name in ("w_q", "w_k", "w_v"):
+            assert getattr(branch, name).weight.grad.abs().sum() > 0, (index, name)
+        assert branch.eta.grad.abs().sum() > 0
+    last = graft.branches[str(graft.layer_indices[-1])]  # no compared readout lies after the last layer's W_o
+    assert last.w_o.weight.grad is None or not last.w_o.weight.grad.any()
+
+    readouts, attentions = {}, {}
+    record = graft._record_distillation
+
+    def spy(index, attention, echo_out, readout):
+        full, window = graft._pending[index]
+        readouts[index], attentions[index] = readout.detach(), (full - window).detach().transpose(1, 2)
+        record(index, attention, echo_out, readout)
+
+    graft._record_distillation = spy
+    head = graft._forward_terms(model, {"input_ids": IDS})[2]
+    expected = torch.stack([torch.nn.functional.mse_loss(readouts[i], attentions[i].float())
+                            for i in graft.layer_indices]).mean()
+    torch.testing.assert_close(head, expected)
+    assert all(readouts[i].shape == attentions[i].shape for i in graft.layer_indices)
+
+
+def test_head_distillation_refuses_a_readout_that_is_not_the_attentions_shape():
+    with pytest.raises(ValueError, match="head_distill_weight"):
+        EchoConfig(mode="parallel", head_distill_weight=1.0)
+    with pytest.raises(ValueError, match="head_distill_weight"):
+        EchoConfig(mode="replace", echo_branch=False, head_distill_weight=1.0)
+    with pytest.raises(ValueError, match="num_heads = 4 and value_dim = 16"):
+        attach_adapter(build_tiny_model("llama"), echo_config("replace", head_distill_weight=1.0, value_dim=8))
+    model = attach_adapter(build_tiny_model("llama"), echo_config("replace", head_distill_weight=1.0, value_dim=None))
+    assert model.grafts["default"].supplies_training_loss

@@ -32,7 +32,11 @@ Two modes:
 
 Training: the LM loss, plus in replace mode an optional LoLCATs-style distillation (arXiv 2410.10254)
 ``distill_weight * mean_layers MSE(o_proj(window_attn) + echo(x), o_proj(full_attn).detach())`` through
-`EchoGraft.training_loss`. Generation: the graft's state (`EchoCacheState`, ``echo_cache.py``) and window
+`EchoGraft.training_loss`, and optionally the same transfer in head space, before either output projection:
+``head_distill_weight * mean_layers MSE(y, (full_attn - window_attn).detach())`` with y [B, H, T, P] the
+readout and the attentions [B, H, T, hd] per query head (H, P = the model's heads, head_dim). The output term
+reaches W_q, W_k, W_v only through W_o, which starts at 0; the head term trains them from the first step.
+Generation: the graft's state (`EchoCacheState`, ``echo_cache.py``) and window
 layers live in the one `GraftCache` that `GraftModel.generate` builds (``EchoGraft.make_cache()``: an
 `EchoCache`, holding only them); beam search reorders the state, crop is refused; batched generation with
 left padding is exact per row (see that module).
@@ -120,6 +124,12 @@ class EchoConfig(GraftConfig):
     distill_weight: float = field(default=0.0, metadata={
         "help": "Replace mode: weight of the MSE between each layer's window attention + Echo output and "
                 "its frozen full-attention output (LoLCATs); 0 = LM loss only.", "min": 0.0})
+    head_distill_weight: float = field(default=0.0, metadata={
+        "help": "Replace mode: weight of the per-head MSE between the Echo readout y [B, H, T, P] (before W_o) and "
+                "what the window misses in head space, full_attn - window_attn per query head (before o_proj): "
+                "LoLCATs' attention transfer on the heads, so W_q, W_k, W_v, gamma and eta learn from the first "
+                "step while the zero-initialised W_o cannot pass them a gradient yet. Needs num_heads = the model's "
+                "attention heads and value_dim = its head_dim; 0 = off.", "min": 0.0})
     echo_branch: bool = field(default=True, metadata={
         "help": "False: no Echo branch and no Echo parameters (replace mode only: the window attention alone, "
                 "the control that isolates the Echo state; stack a LoRA to give it a trainable budget)."})
@@ -139,6 +149,11 @@ class EchoConfig(GraftConfig):
         if self.distill_weight > 0 and self.mode != "replace":
             raise self.error("distill_weight", "needs mode='replace' (in parallel mode the frozen attention output "
                                                f"is already part of the layer's output), got {self.distill_weight}")
+        if self.head_distill_weight > 0 and (self.mode != "replace" or not self.echo_branch):
+            raise self.error("head_distill_weight", "needs mode='replace' with the Echo branch (it compares the "
+                                                    f"branch's readout with what the window misses), got "
+                                                    f"{self.head_distill_weight} with mode={self.mode!r}, "
+                                                    f"echo_branch={self.echo_branch}")
         if not self.echo_branch and self.mode != "replace":
             raise self.error("echo_branch", "false needs mode='replace' (in parallel mode there would be nothing "
                                             f"to graft), got mode={self.mode!r}")
@@ -198,6 +213,12 @@ class EchoGraft(Graft):
             str(i): EchoBranch(base.hidden_size, heads, config.rank, config.value_dim or head_dim)
             for i in (self.layer_indices if config.echo_branch else [])
         })
+        if config.head_distill_weight > 0 and (heads, config.value_dim or head_dim) != (base.num_attention_heads,
+                                                                                    head_dim):
+            raise ValueError(
+                f"EchoConfig.head_distill_weight: the readout is compared head by head with the attention's output, "
+                f"so it needs num_heads = {base.num_attention_heads} and value_dim = {head_dim} (the model's), got "
+                f"num_heads={heads}, value_dim={config.value_dim or head_dim}")
         self.settings = EchoSettings(config.power, config.chunk_size, config.eps, STATS_DTYPES[config.stats_dtype])
         self.window = config.window or config.chunk_size
         self.replace_ramp = config.replace_ramp
@@ -206,7 +227,7 @@ class EchoGraft(Graft):
                       for i in self.layer_indices}
         self.query_block = 128  # window attention: queries per block (memory O(T window))
         self._context = ForwardContext()
-        self._distill_terms: list[torch.Tensor] | None = None
+        self._distill_terms: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (output, head) per layer
         self._observer: LayerObserver | None = None
         self._pending: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._replaced: dict[nn.Module, int] = {}
@@ -293,9 +314,10 @@ class EchoGraft(Graft):
         return mask[:, -length:]
 
     # -- the Echo branch -------------------------------------------------------------------------
-    def _echo_output(self, index: int, x: torch.Tensor, cache: Any) -> torch.Tensor:
-        """W_o echo(x) for layer ``index``: x [B, T, d] -> [B, T, d] in x's dtype. The branch computes in
-        float32 with autocast off (`graftlm.dtype_policy`), whatever the base's dtype."""
+    def _echo_output(self, index: int, x: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_o y [B, T, d] in x's dtype, the readout y [B, H, T, P] in float32) for layer ``index`` and its
+        input x [B, T, d]. The branch computes in float32 with autocast off (`graftlm.dtype_policy`), whatever
+        the base's dtype."""
         branch = self.branches[str(index)]
         keep = self._keep(x.shape[1])
         state = state_of(cache, STATE_KEY)
@@ -321,7 +343,7 @@ class EchoGraft(Graft):
                 y, state, seen, phases = echo_continue(slot.state, slot.seen, z, q, v, branch.gamma, branch.eta,
                                                        slot.phases)
                 slot.update(state, seen, phases)
-            return to_base(branch.output(y), x)
+            return to_base(branch.output(y), x), y
 
     def _make_attention_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: tuple):
@@ -333,16 +355,20 @@ class EchoGraft(Graft):
             if ramp == 0.0 and not distilling:
                 return output
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            echo_out = self._echo_output(index, x, cache_from_kwargs(kwargs)) if self.config.echo_branch else None
+            echo_out, readout = (self._echo_output(index, x, cache_from_kwargs(kwargs)) if self.config.echo_branch
+                                 else (None, None))
             if distilling:
-                self._record_distillation(index, module, echo_out)
+                self._record_distillation(index, module, echo_out, readout)
             if ramp == 0.0 or echo_out is None:
                 return output
             return attn_out + (echo_out if ramp == 1.0 else ramp * echo_out), weights
 
         return hook
 
-    def _record_distillation(self, index: int, attention: nn.Module, echo_out: torch.Tensor | None) -> None:
+    def _record_distillation(self, index: int, attention: nn.Module, echo_out: torch.Tensor | None,
+                             readout: torch.Tensor | None) -> None:
+        """The layer's distillation terms: the output MSE, and with ``head_distill_weight`` the head-space MSE
+        between the readout y [B, H, T, P] and full - window [B, T, H, hd] (transposed to y's layout)."""
         full, window = self._pending.pop(index)
         flat = lambda t: t.reshape(*t.shape[:2], -1)
         teacher = attention.o_proj(flat(full)).detach()
@@ -352,15 +378,15 @@ class EchoGraft(Graft):
         if echo_out is not None:
             student = student + echo_out
         keep = self._keep(student.shape[1])
-        if keep is None:
-            term = F.mse_loss(student.float(), teacher.float())
-        else:  # the mean over real tokens only, without indexing by the mask (a host sync)
-            weight = keep[..., None].float()
-            squared = (student.float() - teacher.float()).pow(2) * weight
-            term = squared.sum() / (weight.sum() * student.shape[-1]).clamp_min(1.0)
+        term = _token_mse(student.float(), teacher.float(), keep)
+        head_term = None
+        if self.config.head_distill_weight > 0 and readout is not None:
+            missing = (full - window).detach().transpose(1, 2).float()  # [B, H, T, hd]
+            head_keep = None if keep is None else keep[:, None, :].expand(-1, readout.shape[1], -1)
+            head_term = _token_mse(readout, missing, head_keep)
         # a gradient-checkpointing recompute redoes the same ops (torch checks) but the loss was already taken
         if self._distill_terms is not None:
-            self._distill_terms.append(term)
+            self._distill_terms.append((term, head_term))
 
     @contextmanager
     def observe_layers(self, observer: LayerObserver) -> Iterator[None]:
@@ -515,20 +541,30 @@ class EchoGraft(Graft):
 
     @property
     def supplies_training_loss(self) -> bool:
-        return self.config.distill_weight > 0.0
+        return self.config.distill_weight > 0.0 or self.config.head_distill_weight > 0.0
 
     def training_loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """LM loss + ``distill_weight`` x the layers' mean distillation MSE; None (plain LM loss) when
-        ``distill_weight`` is 0. Returns {"loss", "lm_loss", "distill_loss"}."""
-        weight = self.config.distill_weight
-        if weight == 0.0:
+        """LM loss + ``distill_weight`` x the layers' mean output MSE (+ ``head_distill_weight`` x their mean
+        head-space MSE); None (plain LM loss) when both weights are 0. Returns {"loss", "lm_loss",
+        "distill_loss"} and, with the head term, "head_distill_loss"."""
+        if not self.supplies_training_loss:
             return None
-        lm_loss, distill = self.loss_terms(model, batch)
-        return {"loss": lm_loss + weight * distill, "lm_loss": lm_loss.detach(), "distill_loss": distill.detach()}
+        lm_loss, distill, head = self._forward_terms(model, batch)
+        terms = {"loss": lm_loss + self.config.distill_weight * distill, "lm_loss": lm_loss.detach(),
+                 "distill_loss": distill.detach()}
+        if head is not None:
+            terms["loss"] = terms["loss"] + self.config.head_distill_weight * head
+            terms["head_distill_loss"] = head.detach()
+        return terms
 
     def loss_terms(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(LM loss, the replaced layers' mean distillation MSE) of one forward, both with their graphs, so
         that each one's gradient can be taken apart (``benchmarks/echo_diagnose.py``). Replace mode only."""
+        lm_loss, distill, _ = self._forward_terms(model, batch)
+        return lm_loss, distill
+
+    def _forward_terms(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(LM loss, mean output MSE, mean head-space MSE or None without ``head_distill_weight``) of one forward."""
         if not self.replaces:
             raise ValueError("loss_terms: the distillation needs mode='replace'")
         if "labels" not in batch:
@@ -540,7 +576,18 @@ class EchoGraft(Graft):
         finally:
             self._distill_terms = None
             self._pending.clear()
-        return lm_loss, torch.stack(terms).mean()
+        heads = [head for _, head in terms if head is not None]
+        return (lm_loss, torch.stack([output for output, _ in terms]).mean(),
+                torch.stack(heads).mean() if heads else None)
+
+
+def _token_mse(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over the real tokens: student, teacher [..., T, D]; keep [..., T] bool (None = all
+    real), weighted instead of indexed by the mask (indexing would be a host sync)."""
+    if keep is None:
+        return F.mse_loss(student, teacher)
+    weight = keep[..., None].float()
+    return ((student - teacher).pow(2) * weight).sum() / (weight.sum() * student.shape[-1]).clamp_min(1.0)
 
 
 register_graft(EchoConfig, EchoGraft)
