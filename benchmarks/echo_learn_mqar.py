@@ -47,6 +47,7 @@ from graftlm.kernels.echo import echo_chunked
 
 N_KEYS, N_VALUES, N_FILLER = 64, 64, 16
 VOCAB = N_KEYS + N_VALUES + N_FILLER
+HELD_OUT = 256  # held-out sequences every accuracy is read on
 
 
 @dataclass
@@ -163,7 +164,7 @@ def train_one(system: str, seed: int, args: argparse.Namespace, task: Task, held
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     steps = sorted({r["step"] for r in rows})
     lines = [(f"MQAR toy, {args.pairs} pairs, gap {args.gap}, chunk {args.chunk_size}; H = {args.heads}, r = {args.rank}, "
-             f"P = {args.value_dim}, d = {args.dim}; batch {args.batch_size}, Adam lr {args.lr}; accuracy on 256 "
+             f"P = {args.value_dim}, d = {args.dim}; batch {args.batch_size}, Adam lr {args.lr}; accuracy on {HELD_OUT} "
              f"held-out sequences (chance 1/{N_VALUES}), mean over seeds {args.seeds} [pooled 95% Wilson], min-max "
              "over seeds"), "",
              "| system | " + " | ".join(f"step {s}" for s in steps) + " |",
@@ -232,7 +233,7 @@ def main() -> None:
                          "no query could read a pair")
     args.ladder = sorted(s for s in args.ladder if s <= args.steps) or [args.steps]
     task = Task(args.pairs, args.gap)
-    held_out = task.sample(256, torch.Generator().manual_seed(99))
+    held_out = task.sample(HELD_OUT, torch.Generator().manual_seed(99))
     args.out.mkdir(parents=True, exist_ok=True)
     rows, started = [], time.time()
     for system in args.systems:
