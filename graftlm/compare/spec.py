@@ -348,9 +348,12 @@ def _check_recipes(raw: dict[str, Any], systems: list[SystemSpec], seed: int, pr
 
 def quick_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """A CI-sized copy of a raw spec (``--quick``): 2 steps, 16 training examples (per task source, ``mix``
-    included; a dataset gives all its rows), 8 held-out examples per evaluation, the first training seed;
-    everything else (systems, grafts, tasks) unchanged."""
+    included; a dataset gives all its rows), 8 held-out examples per evaluation, the first training seed,
+    written under ``<output_dir>/quick`` so that it never replaces a full run's results or report; everything
+    else (systems, grafts, tasks) unchanged."""
     quick = copy.deepcopy(raw)
+    quick["output_dir"] = str(Path(str(raw.get("output_dir") or f"out/compare/{slugify(str(raw.get('name', '')))}"))
+                              / "quick")
     train = quick.setdefault("train", {})
     train["steps"] = min(int(train.get("steps") or 2), 2)
     train["warmup_steps"] = 0

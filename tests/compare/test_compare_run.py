@@ -2,6 +2,7 @@
 variants scored, paired statistics, resume, and the JSON / markdown / PNG report."""
 
 import json
+from pathlib import Path
 
 import pytest
 from graft_fixtures import save_tiny_byte_model
@@ -112,6 +113,7 @@ def test_quick_overrides_shrink_a_spec_but_keep_its_systems(tiny_dir, tmp_path):
     assert quick.train["steps"] == 2 and quick.seeds == [0] and quick.evals[0].n == 8
     assert quick.data.mix == [{"task": "mqar", "n_train": 16, "n_eval": 4}] and raw["data"]["mix"][0]["n_train"] == 500
     assert [s.name for s in quick.systems] == [s["name"] for s in raw["systems"]]
+    assert Path(quick.output_dir) == Path(build_compare_spec(raw).output_dir) / "quick"  # a full run's report is safe
 
 
 def test_cli_dry_run_and_bad_spec_exit_codes(tiny_dir, tmp_path, capsys):
