@@ -2,7 +2,7 @@
 
     python3 benchmarks/echo_graft.py [--model tiny|smollm2-135m|gemma-3-270m] [--contexts 512 2048 8192]
                                      [--replace-layers all|half | --keep-layers 3 4] [--decode-steps 16]
-                                     [--threads 2] [--out DIR]
+                                     [--threads 2] [--prefill-chunk 4096] [--out DIR]
 
 For each context length C: prefill a random prompt of C tokens, then time ``--decode-steps`` one-token
 forwards through the cache, for (a) the base model with its own ``DynamicCache`` and (b) the same model
@@ -70,12 +70,16 @@ def cache_bytes(cache, replaced: list[int]) -> dict:
 
 
 @torch.no_grad()
-def decode_run(model, cache, context: int, steps: int, vocab: int) -> tuple[float, float]:
-    """Prefill ``context`` random tokens, then ``steps`` one-token forwards. Returns (prefill s, median s/token)."""
+def decode_run(model, cache, context: int, steps: int, vocab: int, prefill_chunk: int = 0) -> tuple[float, float]:
+    """Prefill ``context`` random tokens (in pieces of ``prefill_chunk`` through the cache when > 0, which bounds
+    the attention's [T, context] scores), then ``steps`` one-token forwards. Returns (prefill s, median s/token)."""
     generator = torch.Generator().manual_seed(context)
     prompt = torch.randint(3, vocab, (1, context), generator=generator)
     started = time.perf_counter()
-    out = model(input_ids=prompt, **with_cache({}, cache), use_cache=True, logits_to_keep=1)  # not T x vocab
+    step = prefill_chunk if prefill_chunk > 0 else context
+    for start in range(0, context, step):
+        piece = prompt[:, start:start + step]
+        out = model(input_ids=piece, **with_cache({}, cache), use_cache=True, logits_to_keep=1)  # not T x vocab
     prefill = time.perf_counter() - started
     token = out.logits[:, -1:].argmax(-1)
     times = []
@@ -103,6 +107,9 @@ def main() -> None:
                         help="first tokens the window layers keep (EchoConfig.sink_tokens)")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prefill in pieces of this many tokens through the cache (0: one forward); at 32k "
+                             "a single forward's attention scores do not fit in 24 GiB")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,7 +127,7 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         cache = DynamicCache(config=base.config)
-        prefill, per_token = decode_run(base, cache, context, args.decode_steps, vocab)
+        prefill, per_token = decode_run(base, cache, context, args.decode_steps, vocab, args.prefill_chunk)
         rows.append({"model": args.model, "variant": "base", "context": context, "prefill_s": prefill,
                      "decode_ms_per_token": 1e3 * per_token, **cache_bytes(cache, replaced)})
 
@@ -133,7 +140,7 @@ def main() -> None:
             branch.w_o.weight.normal_(0, 0.02)
     for context in args.contexts:
         cache = graft.make_cache()
-        prefill, per_token = decode_run(model, cache, context, args.decode_steps, vocab)
+        prefill, per_token = decode_run(model, cache, context, args.decode_steps, vocab, args.prefill_chunk)
         rows.append({"model": args.model, "variant": label, "context": context,
                      "prefill_s": prefill, "decode_ms_per_token": 1e3 * per_token, **cache_bytes(cache, replaced)})
 
