@@ -1,12 +1,27 @@
 """Tiny random Llama / Gemma 3 models and test-only grafts that exercise the attach/save/load machinery."""
 
+import importlib.util
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from graftlm.adapters import Graft, GraftConfig, register_graft
 from graftlm.testing import generation_cache, open_grafts  # noqa: F401  (re-exported for the tests)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """Imports ``benchmarks/<name>.py`` (not a package) as module ``<name>``, registered in sys.modules so that
+    its dataclasses can look their module up."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_llama_config(**overrides):

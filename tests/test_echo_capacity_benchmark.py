@@ -1,20 +1,13 @@
 """`benchmarks/echo_capacity.py` measures what it names: below the rank every pair comes back, far above it
 recall falls towards chance, and filler tokens cost recall."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "echo_capacity.py"
+from graft_fixtures import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def capacity():
-    spec = importlib.util.spec_from_file_location("echo_capacity", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("echo_capacity")
 
 
 def test_pairs_up_to_the_rank_are_recalled_exactly(capacity):

@@ -1,27 +1,14 @@
 """`benchmarks/echo_graft.py`: a prefill in pieces through the cache holds what one prefill forward holds."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from graft_fixtures import load_benchmark
 
 from graftlm.adapters import attach_adapter
 from graftlm.adapters.echo import EchoConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("echo_graft_benchmark", ROOT / "benchmarks" / "echo_graft.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_prefill_in_pieces_holds_the_same_cache_and_decodes_the_same_token():
-    bench = load_benchmark()
+    bench = load_benchmark("echo_graft")
     torch.manual_seed(0)
     base = bench.tiny_model()
     replaced = [0, 1, 2]

@@ -2,23 +2,15 @@
 every mixer sees only the tokens before its chunk, and a trained mixer's accuracy is read on held-out rows."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "echo_learn_mqar.py"
+from graft_fixtures import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def toy():
-    spec = importlib.util.spec_from_file_location("echo_learn_mqar", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("echo_learn_mqar")
 
 
 def args(**over):

@@ -149,6 +149,11 @@ def system_recipe(raw: dict[str, Any], system: SystemSpec, seed: int, output_dir
                          "output_dir": str(output_dir)})
 
 
+def output_dir_of(raw: dict[str, Any]) -> str:
+    """Where a raw spec's run writes: its ``output_dir``, else out/compare/<slug of its name>."""
+    return str(raw.get("output_dir", f"out/compare/{slugify(str(raw.get('name', 'compare')))}"))
+
+
 def slugify(name: str) -> str:
     """A folder name for a system: lower case, runs of other characters as one '-'."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "system"
@@ -203,7 +208,7 @@ def build_compare_spec(raw: dict[str, Any]) -> CompareSpec:
         raise RecipeError("bad compare spec:\n  " + "\n  ".join(problems))
     return CompareSpec(name=name, model=model, data=data, train=dict(train), evals=evals, systems=systems,
                        reference=reference, pairs=pairs, seeds=seeds, description=str(raw.get("description", "")),
-                       output_dir=str(raw.get("output_dir", f"out/compare/{slugify(name)}")), raw=raw)
+                       output_dir=output_dir_of(raw), raw=raw)
 
 
 def _build_systems(values: Any, problems: list[str]) -> list[SystemSpec]:
@@ -352,8 +357,7 @@ def quick_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     written under ``<output_dir>/quick`` so that it never replaces a full run's results or report; everything
     else (systems, grafts, tasks) unchanged."""
     quick = copy.deepcopy(raw)
-    quick["output_dir"] = str(Path(str(raw.get("output_dir") or f"out/compare/{slugify(str(raw.get('name', '')))}"))
-                              / "quick")
+    quick["output_dir"] = str(Path(output_dir_of(raw)) / "quick")
     train = quick.setdefault("train", {})
     train["steps"] = min(int(train.get("steps") or 2), 2)
     train["warmup_steps"] = 0
